@@ -1,0 +1,118 @@
+"""The preconditioner math: fits, invariants and numerics against float64 references."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import psgd
+from psgd import fitting
+
+
+def random_spd(seed: int, n: int, cond: float) -> np.ndarray:
+  q, _ = np.linalg.qr(np.random.default_rng(seed).normal(size=(n, n)))
+  return (q * np.logspace(0, -np.log10(cond), n)) @ q.T
+
+
+def matrix_power(c: np.ndarray, power: float) -> np.ndarray:
+  w, v = np.linalg.eigh(c)
+  return (v * w**power) @ v.T
+
+
+def as_matrix(f: jax.Array) -> np.ndarray:
+  f = np.asarray(f, np.float64)
+  return np.diag(f) if f.ndim == 1 else f
+
+
+def fit_on_gaussian_gradients(mode: str, cov_rows: np.ndarray, cov_cols: np.ndarray,
+                              steps: int, **kwargs):
+  """Run scale_by_kron on gradients G = A^1/2 Z B^1/2, so Cov(vec G) = A (x) B."""
+  m, n = len(cov_rows), len(cov_cols)
+  tx = psgd.scale_by_kron(b1=0.0, preconditioner_update_probability=1.0,
+                          preconditioner_mode=mode, preconditioner_lr=0.05, **kwargs)
+  left = jnp.asarray(matrix_power(cov_rows, 0.5), jnp.float32)
+  right = jnp.asarray(matrix_power(cov_cols, 0.5), jnp.float32)
+
+  def body(state, key):
+    _, state = tx.update(left @ jax.random.normal(key, (m, n)) @ right, state)
+    return state, None
+
+  run = jax.jit(lambda s: jax.lax.scan(body, s, jax.random.split(jax.random.key(0), steps))[0])
+  return run(tx.init(jnp.zeros((m, n))))
+
+
+@pytest.mark.parametrize("mode", psgd.MODES)
+@pytest.mark.parametrize("dense", [True, False], ids=["dense", "diag"])
+def test_whitening_fit_recovers_inverse_sqrt_covariance(mode, dense):
+  # P = P0 (x) P1 should approach C^(-1/2) = A^(-1/2) (x) B^(-1/2): within 15%
+  # (relative Frobenius error); the floor is the noise of a stochastic fit at lr 0.05.
+  if dense:
+    cov_rows, cov_cols = random_spd(0, 6, 10.0), random_spd(1, 5, 10.0)
+    settings = dict(max_skew_triangular=float("inf"))
+  else:
+    cov_rows, cov_cols = np.diag(np.logspace(0, -1, 6)), np.diag(np.logspace(0, -1, 5))
+    settings = dict(memory_save_mode="all_diag")
+  state = fit_on_gaussian_gradients(mode, cov_rows, cov_cols, steps=3000, **settings)
+  factors = tuple(f[0] for f in state.factors)
+  assert [f.ndim == 2 for f in factors] == [dense, dense]
+  p0, p1 = (as_matrix(f) for f in fitting.preconditioner_factors(mode, factors))
+  target = np.kron(matrix_power(cov_rows, -0.5), matrix_power(cov_cols, -0.5))
+  error = np.linalg.norm(np.kron(p0, p1) - target) / np.linalg.norm(target)
+  assert error < 0.15, f"{mode}: relative error {error:.3f}"
+
+
+@pytest.mark.parametrize("mode", ["EQ", "Q0.5EQ1.5", "QEQ", "QUAD"])
+def test_modes_keep_their_group(mode):
+  # EQ keeps Q upper triangular exactly; Q0.5EQ1.5 and QUAD keep Q symmetric positive
+  # definite. QEQ moves Q as Q (I - aE), in the general linear group (as in the
+  # reference): Q is not symmetric, but stays in the component with det > 0.
+  state = fit_on_gaussian_gradients(mode, random_spd(2, 8, 100.0), random_spd(3, 7, 100.0),
+                                    steps=600, max_skew_triangular=float("inf"))
+  for q in (np.asarray(f[0], np.float64) for f in state.factors):
+    if mode == "EQ":
+      assert np.all(np.tril(q, -1) == 0)
+      assert np.all(np.diag(q) > 0)
+    elif mode == "QEQ":
+      sign, _ = np.linalg.slogdet(q)
+      assert sign > 0
+      assert np.linalg.cond(q) < 1e4
+    else:
+      asym = np.linalg.norm(q - q.T) / np.linalg.norm(q)
+      assert asym < 1e-3, f"{mode}: asymmetry {asym:.2e}"
+      assert np.linalg.eigvalsh((q + q.T) / 2).min() > 0
+
+
+def test_norm_lower_bound_spd_is_a_tight_lower_bound():
+  for seed in range(5):
+    a = random_spd(seed, 64, 1e3) * 10.0**seed
+    exact = np.linalg.norm(a, 2)
+    bound = float(fitting.norm_lower_bound_spd(jnp.asarray(a, jnp.float32), jax.random.key(seed)))
+    assert 0.9 * exact <= bound <= exact * (1 + 1e-5)
+
+
+def test_norm_lower_bound_skew_is_a_lower_bound_and_zero_safe():
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(32, 32))
+  a = x - x.T
+  exact = np.linalg.norm(a, 2)
+  bound = float(fitting.norm_lower_bound_skew(jnp.asarray(a, jnp.float32), jax.random.key(0)))
+  assert 0.5 * exact <= bound <= exact * (1 + 1e-5)
+  zero = fitting.norm_lower_bound_skew(jnp.zeros((4, 4)), jax.random.key(0))
+  assert float(zero) == 0.0
+
+
+def test_procrustes_steps_rotate_towards_spd_and_keep_singular_values():
+  rng = np.random.default_rng(1)
+  spd = random_spd(4, 10, 10.0)
+  rotation = np.linalg.qr(np.eye(10) + 0.3 * rng.normal(size=(10, 10)))[0]
+  if np.linalg.det(rotation) < 0:  # Procrustes rotations cannot undo a reflection
+    rotation[:, 0] *= -1
+  q = jnp.asarray(rotation @ spd, jnp.float32)
+  start = np.linalg.norm(np.asarray(q) - np.asarray(q).T)
+  for i in range(60):
+    q = fitting.procrustes_step(q, jax.random.key(i))
+  q = np.asarray(q, np.float64)
+  assert np.linalg.norm(q - q.T) < 1e-3 * start
+  np.testing.assert_allclose(np.linalg.svd(q, compute_uv=False),
+                             np.linalg.svd(spd, compute_uv=False), rtol=1e-3)
+  np.testing.assert_allclose(q, spd, atol=1e-3)

@@ -1,0 +1,264 @@
+"""psgd.kron / scale_by_kron as optax transformations: behaviour end to end."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import psgd
+from psgd import layout as layout_lib
+
+
+def run_steps(tx, params, grad_fn, steps):
+  """Apply tx for `steps` steps inside one jit; returns (params, state)."""
+  def body(carry, _):
+    p, s = carry
+    u, s = tx.update(grad_fn(p), s, p)
+    return (optax.apply_updates(p, u), s), None
+
+  return jax.jit(lambda p: jax.lax.scan(body, (p, tx.init(p)), None, length=steps)[0])(params)
+
+
+# --------------------------------------------------------------------------- layout
+
+
+def test_layout_reshapes_to_most_square_and_picks_factor_kinds():
+  lay = layout_lib.plan_layout((4, 8, 16), False, max_size=8192, max_skew=1.0, min_ndim=2,
+                               memory_save_mode=None, block_size=None)
+  assert (lay.rows, lay.cols) == (32, 16) and lay.dense == (False, True)
+  square = layout_lib.plan_layout((64, 64), False, max_size=8192, max_skew=1.0, min_ndim=2,
+                                  memory_save_mode=None, block_size=None)
+  assert square.dense == (True, True)
+  capped = layout_lib.plan_layout((64, 64), False, max_size=32, max_skew=1.0, min_ndim=2,
+                                  memory_save_mode=None, block_size=None)
+  assert capped.dense == (False, False)
+  vector = layout_lib.plan_layout((7,), False, max_size=8192, max_skew=1.0, min_ndim=2,
+                                  memory_save_mode=None, block_size=None)
+  assert (vector.rows, vector.cols, vector.dense) == (1, 7, (False, False))
+  one_diag = layout_lib.plan_layout((64, 32), False, max_size=8192, max_skew=float("inf"),
+                                    min_ndim=2, memory_save_mode="one_diag", block_size=None)
+  assert one_diag.dense == (False, True)
+
+
+def test_blocks_split_a_huge_dim_and_round_trip():
+  lay = layout_lib.plan_layout((3, 12, 10), True, max_size=8192, max_skew=float("inf"),
+                               min_ndim=2, memory_save_mode=None, block_size=4)
+  assert lay.block_shape == (4, 2) and lay.batch == 3 * 3 * 5
+  x = jnp.arange(3 * 12 * 10.0).reshape(3, 12, 10)
+  blocks = layout_lib.to_matrices(x, lay)
+  np.testing.assert_array_equal(blocks[0], x[0, :4, :2])
+  np.testing.assert_array_equal(blocks[6], x[0, 4:8, 2:4])
+  np.testing.assert_array_equal(layout_lib.from_matrices(blocks, lay), x)
+
+
+def test_layout_table_lists_every_param_and_its_bytes():
+  params = {"emb": jnp.zeros((256, 32)), "norm": jnp.zeros((32,))}
+  table = psgd.layout_table(params, precond_dtype=jnp.bfloat16)
+  assert "['emb']" in table and "diag(256) x dense(32)" in table and "['norm']" in table
+  assert f"{(256 + 32 * 32 + 1 + 32) * 2:,}" in table.splitlines()[-1]
+
+
+# ---------------------------------------------------------------- scanned layers
+
+
+@pytest.mark.parametrize("lax_map", [False, True], ids=["vmap", "lax_map"])
+def test_scanned_param_updates_like_separate_layers(lax_map):
+  layers, key = 3, jax.random.key(0)
+  stacked = jax.random.normal(key, (layers, 8, 6))
+  kwargs = dict(preconditioner_update_probability=1.0, lax_map_batch_size=2)
+  scanned_tx = psgd.kron(0.1, scanned_layers={"w": True}, lax_map_scanned_layers=lax_map,
+                         **kwargs)
+  separate_tx = psgd.kron(0.1, **kwargs)
+  grad_fn = lambda w: jax.tree.map(lambda x: jnp.sin(3 * x) + x**2, w)
+  w_scanned, _ = run_steps(scanned_tx, {"w": stacked}, grad_fn, 20)
+  separate = {f"layer{i}": stacked[i] for i in range(layers)}
+  w_separate, _ = run_steps(separate_tx, separate, grad_fn, 20)
+  for i in range(layers):
+    np.testing.assert_allclose(w_scanned["w"][i], w_separate[f"layer{i}"], rtol=1e-5,
+                               atol=1e-6)
+
+
+def test_scanned_layers_get_different_random_keys():
+  # Identical layers with identical gradients still see different noise / norm probes.
+  tx = psgd.scale_by_kron(scanned_layers={"w": True}, preconditioner_update_probability=1.0,
+                          preconditioner_mode="EQ")
+  params = {"w": jnp.ones((2, 5, 5))}
+  state = tx.init(params)
+  _, state = tx.update(params, state)
+  q = state.factors["w"][0]
+  assert not np.allclose(q[0], q[1])
+
+
+# ------------------------------------------------------------------ numerics
+
+
+def test_bf16_state_stays_finite_on_ill_conditioned_problem():
+  scales = jnp.logspace(0, 4, 32)  # condition number 1e4 along the columns
+
+  def grad_fn(p):
+    return {"w": p["w"] * scales, "b": p["b"] * 1e-3}
+
+  tx = psgd.kron(1e-2, mu_dtype=jnp.bfloat16, precond_dtype=jnp.bfloat16,
+                 preconditioner_update_probability=1.0)
+  params = {"w": jnp.ones((16, 32)), "b": jnp.ones((32,))}
+  params, state = run_steps(tx, params, grad_fn, 3000)
+  assert state[0].factors["w"][1].dtype == jnp.bfloat16
+  assert state[0].mu["w"].dtype == jnp.bfloat16
+  for leaf in jax.tree.leaves((params, state)):
+    if jnp.issubdtype(leaf.dtype, jnp.floating):
+      assert bool(jnp.all(jnp.isfinite(leaf)))
+  assert float(jnp.abs(params["w"]).max()) < 1.0  # and it made progress
+
+
+def test_zero_gradients_at_first_steps_give_no_nan_and_defer_the_scale():
+  tx = psgd.kron(1e-2, preconditioner_update_probability=1.0)
+  params = {"w": jnp.ones((4, 3))}
+  state = tx.init(params)
+  zeros = {"w": jnp.zeros((4, 3))}
+  for _ in range(2):
+    updates, state = tx.update(zeros, state, params)
+    assert bool(jnp.all(updates["w"] == 0))
+  assert not bool(state[0].initialized) and int(state[0].num_updates) == 0
+  tiny = {"w": jnp.full((4, 3), 1e-30)}
+  updates, state = tx.update(tiny, state, params)
+  assert bool(state[0].initialized)
+  for leaf in jax.tree.leaves((updates, state)):
+    if jnp.issubdtype(leaf.dtype, jnp.floating):
+      assert bool(jnp.all(jnp.isfinite(leaf)))
+  assert float(jnp.abs(updates["w"]).max()) > 0
+
+
+def random_spd(seed, n, cond):
+  q, _ = np.linalg.qr(np.random.default_rng(seed).normal(size=(n, n)))
+  return jnp.asarray((q * np.logspace(0, -np.log10(cond), n)) @ q.T, jnp.float32)
+
+
+def test_kron_beats_tuned_adam_on_ill_conditioned_quadratic():
+  # f(W) = 1/2 <W - W*, A (W - W*) B>, cond(A (x) B) = 1e6; best of a learning-rate sweep
+  # for each optimizer, same step budget.
+  a, b = random_spd(0, 16, 1e3), random_spd(1, 12, 1e3)
+  target = jax.random.normal(jax.random.key(1), (16, 12))
+  loss = lambda w: 0.5 * jnp.sum((w - target) * (a @ (w - target) @ b))
+  final = lambda tx: float(loss(run_steps(tx, jnp.zeros((16, 12)), jax.grad(loss), 300)[0]))
+  adam = min(final(optax.adam(lr)) for lr in (0.1, 0.3, 1.0, 3.0))
+  kron = min(final(psgd.kron(lr)) for lr in (0.03, 0.1))
+  assert kron * 10 <= adam, (kron, adam)
+
+
+def test_small_mlp_trains():
+  key_x, key_w1, key_w2 = jax.random.split(jax.random.key(0), 3)
+  x = jax.random.normal(key_x, (256, 8))
+  y = jnp.sin(x @ jnp.arange(1.0, 9.0) / 4)[:, None]
+  params = {"w1": jax.random.normal(key_w1, (8, 32)) / 3, "b1": jnp.zeros(32),
+            "w2": jax.random.normal(key_w2, (32, 1)) / 6, "b2": jnp.zeros(1)}
+
+  def loss(p):
+    h = jnp.tanh(x @ p["w1"] + p["b1"])
+    return jnp.mean((h @ p["w2"] + p["b2"] - y) ** 2)
+
+  start = float(loss(params))
+  trained, _ = run_steps(psgd.kron(3e-2, weight_decay=1e-4), params, jax.grad(loss), 500)
+  assert float(loss(trained)) < 0.01 * start
+
+
+# ----------------------------------------------------------- update decisions
+
+
+def test_probability_zero_never_updates_the_preconditioner():
+  tx = psgd.kron(1e-2, preconditioner_update_probability=0.0, preconditioner_init_scale=1.0)
+  params = {"w": jnp.ones((6, 6))}
+  _, state = run_steps(tx, params, lambda p: {"w": p["w"] * 2 + 1}, 30)
+  assert int(state[0].num_updates) == 0
+  np.testing.assert_array_equal(state[0].factors["w"][0][0], jnp.eye(6))
+
+
+def test_update_decisions_are_deterministic_given_the_seed():
+  params = {"w": jnp.ones((5, 4))}
+  grad_fn = lambda p: {"w": jnp.cos(p["w"])}
+  runs = [run_steps(psgd.kron(1e-2, preconditioner_update_probability=0.5, seed=s), params,
+                    grad_fn, 40)[1][0] for s in (7, 7, 8)]
+  assert 5 < int(runs[0].num_updates) < 35
+  assert int(runs[0].num_updates) == int(runs[1].num_updates)
+  for a, b in zip(jax.tree.leaves(runs[0]), jax.tree.leaves(runs[1])):
+    np.testing.assert_array_equal(a, b)
+  assert not np.array_equal(runs[0].factors["w"][1], runs[2].factors["w"][1])
+
+
+def test_default_schedule_anneals_to_the_floor():
+  schedule = psgd.precond_update_prob_schedule()
+  assert float(schedule(0)) == 1.0 and float(schedule(500)) == 1.0
+  assert float(schedule(1000)) == pytest.approx(math.exp(-0.5), rel=1e-5)
+  assert float(schedule(10_000)) == pytest.approx(0.03)
+
+
+# ------------------------------------------------------------- composition
+
+
+def quadratic_grads(p):
+  return jax.tree.map(lambda x: 2 * (x - 1.0), p)
+
+
+def test_works_in_chain_multisteps_and_inject_hyperparams():
+  params = {"w": jnp.zeros((4, 3)), "b": jnp.zeros(3)}
+  chained = optax.chain(optax.clip_by_global_norm(1.0), psgd.kron(0.1))
+  p, _ = run_steps(chained, params, quadratic_grads, 100)
+  assert float(jnp.abs(p["w"] - 1).max()) < 0.1
+
+  multi = optax.MultiSteps(psgd.kron(0.1), every_k_schedule=2)
+  p, state = run_steps(multi, params, quadratic_grads, 100)
+  assert float(jnp.abs(p["w"] - 1).max()) < 0.2
+  assert int(state.inner_opt_state[0].count) == 50
+
+  injected = optax.inject_hyperparams(psgd.kron, static_args=psgd.STATIC_ARGS)(
+      learning_rate=0.1)
+  p, state = run_steps(injected, params, quadratic_grads, 100)
+  assert float(jnp.abs(p["w"] - 1).max()) < 0.1
+  assert float(state.hyperparams["learning_rate"]) == pytest.approx(0.1)
+
+
+def test_works_with_nnx_optimizer():
+  from flax import nnx
+
+  model = nnx.Linear(4, 3, rngs=nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, psgd.kron(0.1), wrt=nnx.Param)
+  x = jax.random.normal(jax.random.key(1), (64, 4))
+  y = x @ jnp.arange(12.0).reshape(4, 3) / 10
+  loss_fn = lambda m: jnp.mean((m(x) - y) ** 2)
+  start = float(loss_fn(model))
+
+  @nnx.jit
+  def step(model, optimizer):
+    grads = nnx.grad(loss_fn)(model)
+    optimizer.update(model, grads)
+
+  for _ in range(200):
+    step(model, optimizer)
+  assert float(loss_fn(model)) < 0.01 * start
+
+
+# ------------------------------------------------------------------ bad input
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(learning_rate=-1.0), "learning_rate"),
+    (dict(preconditioner_mode="QE2"), "preconditioner_mode"),
+    (dict(whiten_grad=False, b1=0.0), "whiten_grad"),
+    (dict(memory_save_mode="some_diag"), "memory_save_mode"),
+    (dict(preconditioner_update_probability=1.5), "preconditioner_update_probability"),
+    (dict(weight_decay=-0.1), "weight_decay"),
+    (dict(lr_style="sgd"), "lr_style"),
+])
+def test_bad_arguments_raise_value_error_naming_them(kwargs, name):
+  with pytest.raises(ValueError, match=name):
+    psgd.kron(**{"learning_rate": 1e-3, **kwargs})
+
+
+@pytest.mark.parametrize("mask_name", ["scanned_layers", "weight_decay_mask"])
+def test_mask_not_matching_params_is_refused(mask_name):
+  params = {"w": jnp.zeros((3, 3)), "b": jnp.zeros(3)}
+  tx = psgd.kron(1e-3, weight_decay=0.1, **{mask_name: {"w": True}})
+  with pytest.raises(ValueError, match=mask_name):
+    tx.init(params)

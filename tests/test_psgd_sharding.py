@@ -1,0 +1,66 @@
+"""PSGD state placed over a mesh of 8 fake CPU devices."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import psgd
+
+
+def test_state_specs_spread_factors_and_jit_matches_one_device():
+  assert jax.device_count() == 8, "conftest sets 8 fake CPU devices"
+  mesh = jax.make_mesh((4, 2), ("fsdp", "tensor"),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  keys = jax.random.split(jax.random.key(0), 3)
+  make_params = lambda: {
+      "embed": jax.random.normal(keys[0], (64, 32)),
+      "layers": jax.random.normal(keys[1], (4, 32, 48)),
+      "norm": jnp.ones((32,)),
+  }
+  params = make_params()
+  param_specs = {"embed": P("fsdp", "tensor"), "layers": P("fsdp", None, "tensor"),
+                 "norm": P()}
+  tx = psgd.kron(1e-2, scanned_layers={"embed": False, "layers": True, "norm": False},
+                 preconditioner_update_probability=1.0)
+  specs = psgd.state_partition_specs(jax.eval_shape(tx.init, params), params, param_specs,
+                                     mesh)
+  kron_specs = specs[0]
+  assert kron_specs.mu == param_specs
+  # embed (64, 32): diag(64) x dense(32); dense factor spread over both axes (32 % 8 == 0).
+  assert kron_specs.factors["embed"][1] == P(None, ("fsdp", "tensor"), None)
+  # layers: batch axis is the layer axis -> 'fsdp'; factors spread over what is left.
+  assert kron_specs.factors["layers"][0] == P("fsdp", "tensor", None)
+  assert kron_specs.lipschitz["layers"] == P("fsdp", None)
+  assert kron_specs.count == P()
+
+  to_sharding = lambda tree: jax.tree.map(lambda s: NamedSharding(mesh, s), tree,
+                                          is_leaf=lambda x: isinstance(x, P))
+  param_shardings, state_shardings = to_sharding(param_specs), to_sharding(specs)
+  grads_fn = lambda p: jax.tree.map(lambda x: jnp.tanh(x) + 0.1 * x**2, p)
+
+  def train(p, steps, in_shardings=None, out_shardings=None):
+    init = jax.jit(tx.init, out_shardings=out_shardings and out_shardings[1])
+    step = jax.jit(lambda p, s: (lambda u, s: (optax.apply_updates(p, u), s))(
+        *tx.update(grads_fn(p), s, p)), in_shardings=in_shardings,
+                   out_shardings=out_shardings, donate_argnums=(0, 1))
+    s = init(p)
+    for _ in range(steps):
+      p, s = step(p, s)
+    return p, s
+
+  sharded_params = jax.device_put(make_params(), param_shardings)
+  shardings = (param_shardings, state_shardings)
+  p_sharded, s_sharded = train(sharded_params, 5, shardings, shardings)
+  p_single, _ = train(make_params(), 5)
+
+  dense = s_sharded[0].factors["layers"][0]
+  assert dense.sharding.spec == P("fsdp", "tensor", None)
+  shard_shape = dense.addressable_shards[0].data.shape
+  assert math.prod(shard_shape) * 8 == math.prod(dense.shape)  # no device holds all
+  for a, b in zip(jax.tree.leaves(p_sharded), jax.tree.leaves(p_single)):
+    np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
