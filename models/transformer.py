@@ -1,0 +1,169 @@
+"""Decoder-only Transformer: RMSNorm pre-norm blocks of rotary GQA attention and SwiGLU.
+
+    model = models.build(models.transformer.default_config(), nnx.Rngs(0))
+    logits = model(tokens)  # int32[B, T] -> float32[B, T, vocab]
+"""
+
+import dataclasses
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from models import registry
+from models.layers import CausalSelfAttention, Embedding, OutputHead, RMSNorm, SwiGLU
+from models.stack import LAYER_AXIS, REMAT_CHOICES, LayerStack
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+# Logical axis -> mesh axis for a ('data', 'fsdp', 'tensor') mesh: FSDP over the model
+# width, tensor parallelism over heads, MLP and vocab; layers, head_dim, norms replicated.
+# 'kv_heads' needs num_kv_heads divisible by the tensor axis (else map it to None).
+LOGICAL_AXIS_RULES = (
+    (LAYER_AXIS, None), ("vocab", "tensor"), ("embed", "fsdp"), ("heads", "tensor"),
+    ("kv_heads", "tensor"), ("kv", None), ("mlp", "tensor"), ("norm", None),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+  """Checked sizes and switches; `default_config()` is its ConfigDict form."""
+
+  vocab_size: int = 256
+  d_model: int = 128
+  num_layers: int = 4
+  num_heads: int = 4
+  num_kv_heads: Optional[int] = None  # None: num_heads (no grouping)
+  mlp_dim: int = 512
+  max_seq_len: int = 256  # the training length, for the attention term of the FLOPs
+  rope_theta: float = 10000.0
+  tie_embeddings: bool = True
+  scan_layers: bool = True
+  remat: str = "none"  # 'none' | 'full' | 'save_dots'
+  dtype: str = "float32"  # compute dtype; parameters, logits and loss stay float32
+
+  @property
+  def kv_heads(self) -> int:
+    return self.num_kv_heads or self.num_heads
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.num_heads
+
+  @classmethod
+  def from_mapping(cls, config: Any) -> "TransformerConfig":
+    """The config's fields (missing ones take defaults), checked; `name` is ignored.
+
+    Raises ValueError naming the first bad setting, e.g. "model.num_heads=3 must divide
+    model.d_model=128", or a key that is no transformer setting (a typo would otherwise
+    be silently ignored).
+    """
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(config.keys()) - known - {"name"})
+    if unknown:
+      raise ValueError(f"model.{unknown[0]} is not a transformer setting; known: "
+                       f"{', '.join(sorted(known))}.")
+    result = cls(**{key: config[key] for key in config.keys() if key in known})
+    result._check()
+    return result
+
+  def _check(self):
+    for name in ("vocab_size", "d_model", "num_layers", "num_heads", "mlp_dim",
+                 "max_seq_len"):
+      _require(_is_int(getattr(self, name)) and getattr(self, name) >= 1,
+               f"model.{name}={getattr(self, name)!r} must be a positive int.")
+    _require(self.d_model % self.num_heads == 0,
+             f"model.num_heads={self.num_heads} must divide model.d_model={self.d_model}.")
+    kv = self.num_kv_heads
+    _require(kv is None or (_is_int(kv) and kv >= 1 and self.num_heads % kv == 0),
+             f"model.num_kv_heads={kv!r} must divide model.num_heads={self.num_heads} "
+             "(None: num_heads).")
+    _require(self.head_dim % 2 == 0,
+             f"model.d_model / model.num_heads = {self.head_dim} must be even: rotary "
+             "embeddings rotate pairs of features.")
+    _require(isinstance(self.rope_theta, (int, float)) and self.rope_theta > 0,
+             f"model.rope_theta={self.rope_theta!r} must be positive.")
+    for name in ("tie_embeddings", "scan_layers"):
+      _require(isinstance(getattr(self, name), bool),
+               f"model.{name}={getattr(self, name)!r} must be True or False.")
+    _require(self.remat in REMAT_CHOICES,
+             f"model.remat={self.remat!r} must be one of {', '.join(REMAT_CHOICES)}.")
+    _require(self.dtype in DTYPES,
+             f"model.dtype={self.dtype!r} must be one of {', '.join(DTYPES)}.")
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _require(ok: bool, message: str):
+  if not ok:
+    raise ValueError(message)
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """A small transformer config (`config.model` for the trainer)."""
+  return ml_collections.ConfigDict(
+      {"name": "transformer", **dataclasses.asdict(TransformerConfig())})
+
+
+class Block(nnx.Module):
+  """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+  def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+    dtype = DTYPES[config.dtype]
+    self.attn_norm = RMSNorm(config.d_model, dtype=dtype)
+    self.attn = CausalSelfAttention(config.d_model, config.num_heads, config.kv_heads,
+                                    rope_theta=config.rope_theta, dtype=dtype, rngs=rngs)
+    self.mlp_norm = RMSNorm(config.d_model, dtype=dtype)
+    self.mlp = SwiGLU(config.d_model, config.mlp_dim, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = x + self.attn(self.attn_norm(x))
+    return x + self.mlp(self.mlp_norm(x))
+
+
+@registry.register("transformer")
+class Transformer(nnx.Module):
+  """tokens int32[B, T] -> float32 logits [B, T, vocab]."""
+
+  def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+    dtype = DTYPES[config.dtype]
+    self.config = config
+    self.embed = Embedding(config.vocab_size, config.d_model, dtype=dtype, rngs=rngs)
+    self.blocks = LayerStack(lambda block_rngs: Block(config, rngs=block_rngs),
+                             config.num_layers, scan=config.scan_layers,
+                             remat=config.remat, rngs=rngs)
+    self.final_norm = RMSNorm(config.d_model, dtype=dtype)
+    self.head = None if config.tie_embeddings else OutputHead(
+        config.d_model, config.vocab_size, dtype=dtype, rngs=rngs)
+
+  @classmethod
+  def from_config(cls, config: Any, *, rngs: nnx.Rngs) -> "Transformer":
+    """Checks the whole config before creating any parameter."""
+    return cls(TransformerConfig.from_mapping(config), rngs=rngs)
+
+  @staticmethod
+  def flops_per_token(config: Any, seq_len: Optional[int] = None) -> float:
+    """Training FLOPs per token, 6 * N + 12 * L * d_model * T (PaLM's MFU convention).
+
+    N counts the weights used in matmuls: per layer the q and o projections (d_model^2
+    each), k and v (d_model * kv_heads * head_dim each), and the three SwiGLU matrices
+    (d_model * mlp_dim each); plus the output head (d_model * vocab, tied or not).
+    Embedding lookups and norms do no matmuls. A matmul weight costs 2 FLOPs per token
+    forward and 4 backward. Attention scores and their weighted sum cost
+    2 * 2 * T * d_model forward per token and layer, again x3 with the backward;
+    T = seq_len or max_seq_len, and the causal mask's savings are not subtracted.
+    """
+    cfg = TransformerConfig.from_mapping(config)
+    seq_len = seq_len or cfg.max_seq_len
+    d, kv_dim = cfg.d_model, cfg.kv_heads * cfg.head_dim
+    per_layer = 2 * d * d + 2 * d * kv_dim + 3 * d * cfg.mlp_dim
+    matmul_params = cfg.num_layers * per_layer + d * cfg.vocab_size
+    return 6.0 * matmul_params + 12.0 * cfg.num_layers * d * seq_len
+
+  def __call__(self, tokens: jax.Array) -> jax.Array:
+    x = self.final_norm(self.blocks(self.embed(tokens)))
+    return self.embed.attend(x) if self.head is None else self.head(x)

@@ -1,0 +1,102 @@
+"""The optimizer from the config: psgd.kron by default, optax baselines by name."""
+
+from typing import Any, Callable
+
+import ml_collections
+import optax
+
+import psgd
+
+# name -> factory(learning-rate schedule, optimizer config, weight-decay mask)
+_BASELINES: dict[str, Callable[..., optax.GradientTransformation]] = {
+    "adamw": lambda lr, cfg, mask: optax.adamw(lr, b1=cfg.b1, b2=cfg.b2,
+                                               weight_decay=cfg.weight_decay, mask=mask),
+    "lion": lambda lr, cfg, mask: optax.lion(lr, b1=cfg.b1, b2=cfg.b2,
+                                             weight_decay=cfg.weight_decay, mask=mask),
+    "sign_sgd": lambda lr, cfg, mask: optax.chain(
+        optax.add_decayed_weights(cfg.weight_decay, mask), optax.sign_sgd(lr)),
+    "sgd": lambda lr, cfg, mask: optax.chain(
+        optax.add_decayed_weights(cfg.weight_decay, mask), optax.sgd(lr, momentum=cfg.b1)),
+}
+OPTIMIZERS = ("kron", *_BASELINES)
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+def check_config(cfg: ml_collections.ConfigDict) -> None:
+  """ValueError naming the setting, before anything is built."""
+  if cfg.name not in OPTIMIZERS:
+    raise ValueError(f"optimizer.name={cfg.name!r} is unknown; choose one of "
+                     f"{', '.join(OPTIMIZERS)}.")
+  if cfg.decay not in SCHEDULES:
+    raise ValueError(f"optimizer.decay={cfg.decay!r} must be one of {', '.join(SCHEDULES)}.")
+  if cfg.learning_rate <= 0:
+    raise ValueError(f"optimizer.learning_rate={cfg.learning_rate} must be positive.")
+  if cfg.warmup_steps < 0:
+    raise ValueError(f"optimizer.warmup_steps={cfg.warmup_steps} must be >= 0.")
+
+
+def learning_rate_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+  """Linear warmup, then cosine / linear decay to min_lr_ratio, or constant."""
+  peak, warmup = cfg.learning_rate, min(cfg.warmup_steps, total_steps)
+  floor = peak * cfg.min_lr_ratio
+  decay_steps = max(total_steps - warmup, 1)
+  if cfg.decay == "cosine":
+    decay = optax.cosine_decay_schedule(peak, decay_steps, alpha=cfg.min_lr_ratio)
+  elif cfg.decay == "linear":
+    decay = optax.linear_schedule(peak, floor, decay_steps)
+  else:
+    decay = optax.constant_schedule(peak)
+  return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
+
+
+def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int, *,
+                   scanned_layers: Any = None, weight_decay_mask: Any = None
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """(transformation, schedule): clipping by global norm, then the named optimizer."""
+  check_config(cfg)
+  schedule = learning_rate_schedule(cfg, total_steps)
+  if cfg.name == "kron":
+    kron_args = cfg.kron.to_dict()
+    update_prob = psgd.precond_update_prob_schedule(
+        min_prob=kron_args.pop("update_prob_floor"),
+        flat_start=kron_args.pop("update_prob_flat_steps"),
+        decay=kron_args.pop("update_prob_decay"))
+    tx = psgd.kron(schedule, b1=cfg.b1, weight_decay=cfg.weight_decay,
+                   weight_decay_mask=weight_decay_mask, scanned_layers=scanned_layers,
+                   preconditioner_update_probability=update_prob, **kron_args)
+  else:
+    tx = _BASELINES[cfg.name](schedule, cfg, weight_decay_mask)
+  if cfg.grad_clip_norm:
+    tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), tx)
+  return tx, schedule
+
+
+def default_config() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      name="kron",
+      learning_rate=3e-3,
+      warmup_steps=50,
+      decay="cosine",
+      min_lr_ratio=0.1,
+      b1=0.9,
+      b2=0.95,  # baselines only
+      weight_decay=0.1,
+      grad_clip_norm=1.0,
+      # psgd.kron arguments beyond the common ones above.
+      kron=ml_collections.ConfigDict(dict(
+          preconditioner_mode="Q0.5EQ1.5",
+          # Refit probability: 1 for the first flat steps, then exp decay to the floor.
+          update_prob_flat_steps=500,
+          update_prob_decay=0.001,
+          update_prob_floor=0.03,
+          preconditioner_lr=0.1,
+          max_size_triangular=8192,
+          max_skew_triangular=1.0,
+          memory_save_mode=ml_collections.config_dict.placeholder(str),
+          block_size=ml_collections.config_dict.placeholder(int),
+          lr_style="adam",
+          mu_dtype=ml_collections.config_dict.placeholder(str),
+          precond_dtype=ml_collections.config_dict.placeholder(str),
+          lax_map_scanned_layers=False,
+      )),
+  ))

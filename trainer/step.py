@@ -1,0 +1,100 @@
+"""The functional train and eval steps: params and optimizer state as plain pytrees.
+
+The model is rebuilt from its graphdef inside the step (`nnx.merge`), so the optimizer
+state never passes through nnx (whose per-variable sharding metadata does not fit PSGD
+factors) and the whole state is one pytree that jit can donate and Orbax can save.
+"""
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+import models
+import psgd
+
+
+class TrainState(NamedTuple):
+  step: jax.Array  # int32
+  params: Any
+  opt_state: Any
+  rng: jax.Array  # uint32[2], for anything stochastic in the model
+  nonfinite_in_a_row: jax.Array  # int32: skipped steps since the last good one
+
+
+def make_loss_fn(graphdef, rest) -> Callable:
+  """loss(params, batch): mean next-token cross entropy over the batch's masked tokens."""
+  def loss_fn(params, batch):
+    model = nnx.merge(graphdef, params, rest)
+    return models.cross_entropy(model(batch["inputs"]), batch["targets"], batch.get("mask"))
+  return loss_fn
+
+
+def _precond_update_rate(opt_state) -> jax.Array:
+  """Fraction of steps that refitted the PSGD preconditioner (0 for other optimizers)."""
+  states = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, psgd.KronState))
+            if isinstance(s, psgd.KronState)]
+  if not states:
+    return jnp.float32(0.0)
+  return states[0].num_updates / jnp.maximum(states[0].count, 1)
+
+
+def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule, microbatches: int) -> Callable:
+  """step(state, batch) -> (state, metrics); gradients averaged over microbatches.
+
+  A step whose loss or gradients are not finite changes nothing but the counter of
+  such steps in a row; the loop decides when to give up.
+  """
+  grad_fn = jax.value_and_grad(loss_fn)
+
+  def accumulated_grads(params, batch):
+    if microbatches == 1:
+      return grad_fn(params, batch)
+    split = jax.tree.map(lambda x: x.reshape(microbatches, -1, *x.shape[1:]), batch)
+
+    def body(carry, micro):
+      loss, grads = grad_fn(params, micro)
+      return jax.tree.map(jnp.add, carry, (loss, grads)), None
+
+    zeros = (jnp.float32(0.0), jax.tree.map(jnp.zeros_like, params))
+    total, _ = jax.lax.scan(body, zeros, split)
+    return jax.tree.map(lambda x: x / microbatches, total)
+
+  def step(state: TrainState, batch):
+    loss, grads = accumulated_grads(state.params, batch)
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+    def apply(state):
+      updates, opt_state = tx.update(grads, state.opt_state, state.params)
+      return state._replace(step=state.step + 1,
+                            params=optax.apply_updates(state.params, updates),
+                            opt_state=opt_state, nonfinite_in_a_row=jnp.int32(0))
+
+    def skip(state):
+      return state._replace(step=state.step + 1,
+                            nonfinite_in_a_row=state.nonfinite_in_a_row + 1)
+
+    new_state = jax.lax.cond(finite, apply, skip, state)
+    metrics = {"train/loss": loss, "train/grad_norm": grad_norm,
+               "train/lr": schedule(state.step),
+               "train/precond_update_rate": _precond_update_rate(new_state.opt_state),
+               "train/skipped": 1 - finite.astype(jnp.int32)}
+    return new_state, metrics
+
+  return step
+
+
+def make_eval_step(graphdef, rest) -> Callable:
+  """eval(params, batch) -> (summed token loss, token count), so padded eval batches
+  (mask False) average correctly across batches."""
+  def eval_step(params, batch):
+    model = nnx.merge(graphdef, params, rest)
+    mask = batch["mask"].astype(jnp.float32)
+    loss = models.cross_entropy(model(batch["inputs"]), batch["targets"], mask)
+    count = jnp.sum(mask)
+    return loss * count, count
+  return eval_step
