@@ -1,0 +1,152 @@
+"""Everything a run needs before data and checkpoints, built from the config alone.
+
+Shared by training and the pre-launch check (`--dry_run`), which builds the same run on
+a target TPU topology without touching data or compiling anything it cannot.
+"""
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import models
+import psgd
+from trainer import data as data_lib
+from trainer import mesh as mesh_lib
+from trainer import optim
+from trainer import step as step_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """The run's mesh, model, optimizer, shardings and jitted (not yet compiled) steps."""
+
+  mesh: jax.sharding.Mesh
+  rules: tuple
+  graphdef: Any
+  rest: Any  # non-Param model state (kept out of training)
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  num_params: int
+  flops_per_token: float
+  state_shardings: step_lib.TrainState
+  abstract_state: step_lib.TrainState  # ShapeDtypeStructs carrying the shardings
+  batch_sharding: NamedSharding
+  init_state: Callable  # () -> TrainState, jitted with the state shardings
+  train_step: Callable  # (state, batch) -> (state, metrics), jitted, state donated
+  eval_step: Callable  # (params, batch) -> (loss sum, token count), jitted
+
+  def abstract_batch(self, config) -> dict[str, jax.ShapeDtypeStruct]:
+    shape = (config.train.global_batch_size, config.data.seq_len)
+    return {"inputs": jax.ShapeDtypeStruct(shape, jnp.int32, sharding=self.batch_sharding),
+            "targets": jax.ShapeDtypeStruct(shape, jnp.int32, sharding=self.batch_sharding),
+            "mask": jax.ShapeDtypeStruct(shape, jnp.bool_, sharding=self.batch_sharding)}
+
+
+def _check_batch(config, mesh, rules) -> None:
+  """Batch settings that cannot work, before anything is compiled."""
+  batch, micro = config.train.global_batch_size, config.train.microbatches
+  dp = mesh_lib.data_parallel_size(mesh, rules)
+  if micro < 1 or batch % micro:
+    raise ValueError(f"train.global_batch_size={batch} must be divisible by "
+                     f"train.microbatches={micro}.")
+  if (batch // micro) % dp:
+    raise ValueError(f"train.global_batch_size / train.microbatches = {batch // micro} must "
+                     f"be divisible by the data-parallel size {dp} (mesh axes "
+                     f"{mesh_lib.batch_axes(rules)} of mesh {dict(mesh.shape)}).")
+  if batch % jax.process_count():
+    raise ValueError(f"train.global_batch_size={batch} must be divisible by the "
+                     f"{jax.process_count()} processes.")
+
+
+def _check_divisible(abstract_params, param_specs, mesh) -> None:
+  """Every sharded dim must divide by its mesh axes; say which param and rule if not."""
+  flat_specs = jax.tree.leaves(param_specs, is_leaf=lambda x: isinstance(x, P))
+  for (path, leaf), spec in zip(jax.tree_util.tree_flatten_with_path(abstract_params)[0],
+                                flat_specs):
+    for size, entry in zip(leaf.shape, spec):
+      axes = mesh_lib.axis_names(entry)
+      parts = math.prod(mesh.shape[a] for a in axes)
+      if size % parts:
+        raise ValueError(
+            f"Parameter {jax.tree_util.keystr(path)} of shape {leaf.shape} has a dim of size "
+            f"{size} sharded over mesh axes {axes} ({parts} ways), which does not divide it. "
+            "Pick sizes divisible by the mesh (e.g. pad model.vocab_size), or map that "
+            "logical axis to None in mesh.rules.")
+
+
+def _opt_state_specs(config, tx, abstract_params, param_specs, mesh):
+  abstract_state = jax.eval_shape(tx.init, abstract_params)
+  if config.optimizer.name == "kron":
+    return psgd.state_partition_specs(abstract_state, abstract_params, param_specs, mesh)
+  # optax baselines: moments mirror the params, everything else is a scalar.
+  return optax.tree_map_params(tx, lambda _, spec: spec, abstract_state, param_specs,
+                               transform_non_params=lambda _: P(),
+                               is_leaf=lambda x: isinstance(x, P))
+
+
+def build_setup(config, devices=None) -> Setup:
+  """Check the config, then build the run on `devices` (default: all)."""
+  optim.check_config(config.optimizer)
+
+  # Mesh.
+  mesh = mesh_lib.make_mesh(config.mesh.axes, config.mesh.shape, devices)
+  rules = tuple(tuple(rule) for rule in config.mesh.rules)
+  _check_batch(config, mesh, rules)
+
+  # Model, abstract, and its shardings from metadata.
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+    abstract_model = nnx.eval_shape(lambda: models.build(config.model, nnx.Rngs(config.seed)))
+  graphdef, abstract_params_state, rest = nnx.split(abstract_model, nnx.Param, ...)
+  abstract_params = nnx.to_pure_dict(abstract_params_state)
+  param_specs = nnx.to_pure_dict(models.partition_specs(abstract_params_state, rules))
+  _check_divisible(abstract_params, param_specs, mesh)
+  if data_lib.vocab_size(config.data) > config.model.vocab_size:
+    raise ValueError(f"model.vocab_size={config.model.vocab_size} is smaller than the "
+                     f"tokenizer's {data_lib.vocab_size(config.data)} tokens.")
+
+  # Optimizer, with masks and state shardings from the same metadata.
+  tx, schedule = optim.make_optimizer(
+      config.optimizer, config.train.steps,
+      scanned_layers=nnx.to_pure_dict(models.scanned_mask(abstract_params_state)),
+      weight_decay_mask=nnx.to_pure_dict(models.weight_decay_mask(abstract_params_state)))
+  opt_specs = _opt_state_specs(config, tx, abstract_params, param_specs, mesh)
+  state_specs = step_lib.TrainState(step=P(), params=param_specs, opt_state=opt_specs,
+                                    rng=P(), nonfinite_in_a_row=P())
+  state_shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), state_specs,
+                                 is_leaf=lambda x: isinstance(x, P))
+
+  # Sharded init and the jitted steps.
+  def fresh_state():
+    with nnx.logical_axis_rules(rules):
+      model = models.build(config.model, nnx.Rngs(config.seed))
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    return step_lib.TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params),
+                               rng=jax.random.PRNGKey(config.seed + 1),
+                               nonfinite_in_a_row=jnp.int32(0))
+
+  init_state = jax.jit(fresh_state, out_shardings=state_shardings)
+  with jax.set_mesh(mesh):
+    abstract_state = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        jax.eval_shape(init_state), state_shardings)
+  batch_sharding = NamedSharding(mesh, P(mesh_lib.batch_axes(rules) or None))
+  loss_fn = step_lib.make_loss_fn(graphdef, rest)
+  train_step = jax.jit(
+      step_lib.make_train_step(loss_fn, tx, schedule, config.train.microbatches),
+      in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, None),
+      donate_argnums=(0,))
+  eval_step = jax.jit(step_lib.make_eval_step(graphdef, rest),
+                      in_shardings=(state_shardings.params, batch_sharding))
+  return Setup(mesh=mesh, rules=rules, graphdef=graphdef, rest=rest, tx=tx,
+               schedule=schedule, num_params=models.param_count(abstract_params),
+               flops_per_token=models.flops_per_token(config.model, config.data.seq_len),
+               state_shardings=state_shardings, abstract_state=abstract_state,
+               batch_sharding=batch_sharding, init_state=init_state, train_step=train_step,
+               eval_step=eval_step)
