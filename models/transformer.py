@@ -43,6 +43,9 @@ class TransformerConfig:
   scan_layers: bool = True
   remat: str = "none"  # 'none' | 'full' | 'save_dots'
   dtype: str = "float32"  # compute dtype; parameters, logits and loss stay float32
+  # Multiplies d_model, num_heads, num_kv_heads and mlp_dim (head_dim stays): one knob
+  # for width-transfer studies (trainer/optim.py scales the learning rate by 1 / it).
+  width_multiplier: int = 1
 
   @property
   def kv_heads(self) -> int:
@@ -66,8 +69,18 @@ class TransformerConfig:
       raise ValueError(f"model.{unknown[0]} is not a transformer setting; known: "
                        f"{', '.join(sorted(known))}.")
     result = cls(**{key: config[key] for key in config.keys() if key in known})
+    _require(_is_int(result.width_multiplier) and result.width_multiplier >= 1,
+             f"model.width_multiplier={result.width_multiplier!r} must be a positive int.")
+    result = result._widened()
     result._check()
     return result
+
+  def _widened(self) -> "TransformerConfig":
+    """The same config with the width multiplier applied (and reset to 1)."""
+    m = self.width_multiplier
+    kv = None if self.num_kv_heads is None else self.num_kv_heads * m
+    return dataclasses.replace(self, d_model=self.d_model * m, num_heads=self.num_heads * m,
+                               num_kv_heads=kv, mlp_dim=self.mlp_dim * m, width_multiplier=1)
 
   def _check(self):
     for name in ("vocab_size", "d_model", "num_layers", "num_heads", "mlp_dim",

@@ -332,3 +332,17 @@ def test_register_adds_a_model_by_name():
   assert models.flops_per_token({"name": "test_linear", "width": 3}) == 54.0
   with pytest.raises(ValueError, match="already registered"):
     models.register("test_linear")(Linear)
+
+
+def test_width_multiplier_widens_every_width_but_head_dim():
+  config = models.transformer.default_config()
+  config.update(dict(d_model=32, num_heads=2, mlp_dim=64, num_layers=1, vocab_size=64,
+                     width_multiplier=2))
+  model = nnx.eval_shape(lambda: models.build(config, nnx.Rngs(0)))
+  shapes = jax.tree.map(lambda x: x.shape, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+  assert shapes["embed"]["table"] == (64, 64)
+  assert shapes["blocks"]["layers"]["attn"]["wq"] == (1, 64, 4, 16)  # 4 heads of 16
+  assert shapes["blocks"]["layers"]["mlp"]["up"] == (1, 64, 128)
+  config.width_multiplier = 0
+  with pytest.raises(ValueError, match="model.width_multiplier"):
+    models.build(config, nnx.Rngs(0))

@@ -77,3 +77,13 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops(tmp_path):
   skipped = [m["train/skipped"] for m in metrics if "train/skipped" in m]
   assert skipped[-3:] == [1.0, 1.0, 1.0]
   assert any((tmp_path / "checkpoints").iterdir())
+
+
+def test_microbatches_accumulate_to_the_full_batch_gradient(tmp_path):
+  losses = {}
+  for micro in (1, 2):
+    config = tiny_config(steps=3, log_every=1, eval_every=0, microbatches=micro)
+    trainer_main.train(config, str(tmp_path / str(micro)), devices=jax.devices()[:1])
+    losses[micro] = losses_by_step(tmp_path / str(micro))
+  np.testing.assert_allclose([losses[2][s] for s in (1, 2, 3)],
+                             [losses[1][s] for s in (1, 2, 3)], rtol=1e-4)

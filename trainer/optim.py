@@ -35,9 +35,15 @@ def check_config(cfg: ml_collections.ConfigDict) -> None:
     raise ValueError(f"optimizer.warmup_steps={cfg.warmup_steps} must be >= 0.")
 
 
-def learning_rate_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
-  """Linear warmup, then cosine / linear decay to min_lr_ratio, or constant."""
-  peak, warmup = cfg.learning_rate, min(cfg.warmup_steps, total_steps)
+def learning_rate_schedule(cfg: ml_collections.ConfigDict, total_steps: int,
+                           width_multiplier: int = 1) -> optax.Schedule:
+  """Linear warmup, then cosine / linear decay to min_lr_ratio, or constant.
+
+  The peak is learning_rate / width_multiplier: the learning rate tuned at width 1
+  carries over to wider models (muP's hidden-layer rule, applied to all weights); the
+  weight-decay coefficient stays, so the per-step decay lr * wd falls as 1 / width.
+  """
+  peak, warmup = cfg.learning_rate / width_multiplier, min(cfg.warmup_steps, total_steps)
   floor = peak * cfg.min_lr_ratio
   decay_steps = max(total_steps - warmup, 1)
   if cfg.decay == "cosine":
@@ -50,11 +56,12 @@ def learning_rate_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> 
 
 
 def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int, *,
-                   scanned_layers: Any = None, weight_decay_mask: Any = None
+                   scanned_layers: Any = None, weight_decay_mask: Any = None,
+                   width_multiplier: int = 1
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """(transformation, schedule): clipping by global norm, then the named optimizer."""
   check_config(cfg)
-  schedule = learning_rate_schedule(cfg, total_steps)
+  schedule = learning_rate_schedule(cfg, total_steps, width_multiplier)
   if cfg.name == "kron":
     kron_args = cfg.kron.to_dict()
     update_prob = psgd.precond_update_prob_schedule(

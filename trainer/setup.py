@@ -115,7 +115,8 @@ def build_setup(config, devices=None) -> Setup:
   tx, schedule = optim.make_optimizer(
       config.optimizer, config.train.steps,
       scanned_layers=nnx.to_pure_dict(models.scanned_mask(abstract_params_state)),
-      weight_decay_mask=nnx.to_pure_dict(models.weight_decay_mask(abstract_params_state)))
+      weight_decay_mask=nnx.to_pure_dict(models.weight_decay_mask(abstract_params_state)),
+      width_multiplier=config.model.get("width_multiplier", 1))
   opt_specs = _opt_state_specs(config, tx, abstract_params, param_specs, mesh)
   state_specs = step_lib.TrainState(step=P(), params=param_specs, opt_state=opt_specs,
                                     rng=P(), nonfinite_in_a_row=P())

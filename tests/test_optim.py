@@ -1,0 +1,56 @@
+"""The optimizer from the config: schedules, baselines, width scaling."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import psgd
+from configs.common import base_config
+from trainer import optim
+
+
+def test_warmup_then_cosine_to_the_floor():
+  cfg = optim.default_config()
+  cfg.update(dict(learning_rate=1.0, warmup_steps=10, decay="cosine", min_lr_ratio=0.1))
+  schedule = optim.learning_rate_schedule(cfg, total_steps=110)
+  assert float(schedule(0)) == 0.0 and float(schedule(5)) == pytest.approx(0.5)
+  assert float(schedule(10)) == pytest.approx(1.0)
+  assert float(schedule(60)) == pytest.approx(0.55, abs=1e-3)  # halfway down the cosine
+  assert float(schedule(110)) == pytest.approx(0.1)
+
+
+def test_width_multiplier_scales_the_peak_learning_rate():
+  cfg = optim.default_config()
+  cfg.update(dict(learning_rate=0.4, warmup_steps=0, decay="constant"))
+  assert float(optim.learning_rate_schedule(cfg, 100, width_multiplier=4)(50)) == \
+      pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("name", optim.OPTIMIZERS)
+def test_every_named_optimizer_steps_downhill(name):
+  cfg = base_config().optimizer
+  cfg.update(dict(name=name, learning_rate=0.05, warmup_steps=0, decay="constant",
+                  weight_decay=0.0))
+  params = {"w": jnp.ones((4, 3)), "b": jnp.ones(3)}
+  mask = {"w": True, "b": False}
+  tx, _ = optim.make_optimizer(cfg, 100, scanned_layers={"w": False, "b": False},
+                               weight_decay_mask=mask)
+  loss = lambda p: sum(jnp.sum(x**2) for x in jax.tree.leaves(p))
+  state = tx.init(params)
+  for _ in range(5):
+    updates, state = tx.update(jax.grad(loss)(params), state, params)
+    params = jax.tree.map(jnp.add, params, updates)
+  assert float(loss(params)) < 15.0 - 0.5
+  has_kron = any(isinstance(s, psgd.KronState) for s in
+                 jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, psgd.KronState)))
+  assert has_kron == (name == "kron")
+
+
+def test_unknown_optimizer_and_schedule_are_refused():
+  cfg = optim.default_config()
+  cfg.name = "adamm"
+  with pytest.raises(ValueError, match="optimizer.name"):
+    optim.check_config(cfg)
+  cfg.name, cfg.decay = "kron", "step"
+  with pytest.raises(ValueError, match="optimizer.decay"):
+    optim.check_config(cfg)
