@@ -196,9 +196,12 @@ def test_eval_is_one_padded_pass_of_fixed_length(corpus):
   assert len(batches) == 12
   again = list(pipeline.eval_batches(source, data.ByteTokenizer(), num_batches=12, **config))
   assert all((a[k] == b[k]).all() for a, b in zip(batches, again) for k in a)
-  epoch = expected_stream(texts)
+  order = list(grain.MapDataset.source(list(range(len(texts)))).shuffle(
+      seed=pipeline.EVAL_ORDER_SEED))
+  assert order != sorted(order)
+  epoch = expected_stream([texts[i] for i in order])
   stream = token_stream(batches)
-  np.testing.assert_array_equal(stream[:len(epoch)], epoch)  # every token once, in order
+  np.testing.assert_array_equal(stream[:len(epoch)], epoch)  # every token once, fixed order
   assert not stream[len(epoch):].any()  # then padding
   # A target is unmasked exactly when it lies within the pass.
   row_len = config["seq_len"] + 1

@@ -47,6 +47,9 @@ def rows_to_batch(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "mask": rows["mask"][:, 1:]}
 
 
+EVAL_ORDER_SEED = 0
+
+
 def process_shard(source, process_index: int, process_count: int) -> grain.MapDataset:
   """Documents process_index, process_index + process_count, ...: disjoint across
   processes, together everything."""
@@ -77,13 +80,16 @@ def train_dataset(source, tokenizer, *, text_key: str, seq_len: int, batch_size:
 def eval_batches(source, tokenizer, *, text_key: str, seq_len: int, batch_size: int,
                  num_batches: int, process_index: int = 0,
                  process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
-  """Exactly `num_batches` batches: one in-order pass over this process's shard, cut off
-  at `num_batches`, and padded with masked-out rows once the shard is used up.
+  """Exactly `num_batches` batches: one pass over this process's shard in a fixed
+  shuffled order, cut off at `num_batches`, and padded with masked-out rows once the
+  shard is used up.
 
-  The fixed count keeps every process in step in collective eval steps even when shards
-  differ in size; the same call always yields the same batches.
+  The fixed order spreads a short eval over many documents instead of the first few
+  (one long file would otherwise be most of it); the fixed count keeps every process in
+  step in collective eval steps even when shards differ in size; the same call always
+  yields the same batches.
   """
-  docs = process_shard(source, process_index, process_count)
+  docs = process_shard(source, process_index, process_count).shuffle(seed=EVAL_ORDER_SEED)
   docs = docs.map(Tokenize(tokenizer, text_key)).to_iter_dataset(READ_OPTIONS)
   rows = iter(PackedRows(docs, seq_len + 1))
   empty = {"tokens": np.zeros(seq_len + 1, np.int32), "mask": np.zeros(seq_len + 1, bool)}
