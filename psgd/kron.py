@@ -20,9 +20,19 @@ from psgd.schedules import precond_update_prob_schedule
 ScalarOrSchedule = Union[float, Callable[[jax.Array], jax.Array]]
 MaskOrFn = Optional[Union[Any, Callable[[Any], Any]]]
 
-# PSGD's raw update has RMS about 1; Adam's is about 0.2 (quad-torch's convention).
-ADAM_UPDATE_RMS = 0.2
 BALANCE_PROBABILITY = 0.01
+
+
+def adam_style_scale(b1: float, whiten_grad: bool) -> float:
+  """Factor giving the update Adam's RMS, so AdamW's learning rate carries over.
+
+  With P fitted to gradients, P g has unit RMS, so P applied to the momentum has the
+  RMS of Adam's m / sqrt(v): about sqrt((1 - b1) / (1 + b1)) for noisy gradients, 1 for
+  consistent ones. It needs no factor. With P fitted to the momentum itself, P m has
+  unit RMS, so it is scaled by sqrt((1 - b1) / (1 + b1)), the reference's advice for
+  whitening momentum.
+  """
+  return 1.0 if whiten_grad else ((1 - b1) / (1 + b1)) ** 0.5
 
 
 class KronState(NamedTuple):
@@ -176,8 +186,8 @@ def scale_by_kron(
     preconditioner_mode: 'Q0.5EQ1.5' (default), 'EQ', 'QEQ', 'QUAD', 'PRO4P', 'QUAD4P'.
     whiten_grad: fit P on gradients (True) or on the momentum (False; then reduce the
       learning rate by about sqrt((1 + b1) / (1 - b1))).
-    lr_style: 'adam' scales the update to Adam's RMS so AdamW learning rates and
-      weight decay carry over; None keeps PSGD's unit-RMS update.
+    lr_style: 'adam' gives the update Adam's RMS so AdamW learning rates and weight
+      decay carry over (see `adam_style_scale`); None keeps PSGD's raw update.
     beta_lipschitz: EMA factor of the Lipschitz memory (raise it for sparse gradients).
     damping: noise level added before fitting; bounds P by about I / damping.
     max_update_rms: per-matrix clip of the preconditioned update's RMS.
@@ -200,7 +210,7 @@ def scale_by_kron(
                        memory_save_mode=memory_save_mode, block_size=block_size)
   fit = functools.partial(fitting.fit, mode, lr=preconditioner_lr, beta=beta_lipschitz,
                           damping=damping)
-  output_scale = ADAM_UPDATE_RMS if lr_style == "adam" else 1.0
+  output_scale = adam_style_scale(b1, whiten_grad) if lr_style == "adam" else 1.0
 
   def layouts_of(tree):
     return jax.tree.leaves(plan_layouts(tree, scanned_layers, **layout_kwargs),
