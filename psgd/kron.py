@@ -271,9 +271,10 @@ def scale_by_kron(
     if preconditioner_init_scale is None:
       found, scale = _init_scale(
           [layout_lib.to_matrices(g, lay) for g, lay in zip(grads, layouts)], damping)
-      first = found & ~state.initialized
-      factors = [tuple(jnp.where(first, s, f) for s, f in
-                       zip(fitting.scale_factors(mode, fs, scale), fs)) for fs in factors]
+      factors = jax.lax.cond(
+          found & ~state.initialized,
+          lambda fss: [fitting.scale_factors(mode, fs, scale) for fs in fss],
+          lambda fss: fss, factors)
       initialized = state.initialized | found
     else:
       initialized = state.initialized
