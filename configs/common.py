@@ -37,4 +37,7 @@ def base_config() -> ml_collections.ConfigDict:
       init_what="params",  # 'params' or 'params_and_optimizer'
   ))
   config.distributed = distributed.default_config()
+  config.dry_run = ml_collections.ConfigDict(dict(
+      topology="",  # --dry_run's target, a TPU topology like 'v5p:2x2x2'; '' = local devices
+  ))
   return config

@@ -13,7 +13,8 @@ def tiny_config(**train):
   """configs/cpu_lm.py shrunk to compile and run in seconds."""
   from configs import cpu_lm
   config = cpu_lm.get_config()
-  config.model.update(dict(d_model=32, num_layers=2, num_heads=2, mlp_dim=64, max_seq_len=32))
+  config.model.update(dict(d_model=32, num_layers=2, num_heads=2, mlp_dim=64, max_seq_len=32,
+                           scan_layers=True))  # the scanned path, as on accelerators
   config.data.update(dict(seq_len=32, eval_batches=2))
   config.train.update(dict(steps=40, global_batch_size=8, log_every=10, eval_every=40))
   config.train.update(train)
@@ -35,7 +36,7 @@ def trainer_command(workdir, *overrides) -> list[str]:
   """Command line for the tiny config, as a user would type it."""
   flags = [f"--config.{k}" for k in (
       "model.d_model=32", "model.num_layers=2", "model.num_heads=2", "model.mlp_dim=64",
-      "model.max_seq_len=32", "data.seq_len=32", "data.eval_batches=2",
+      "model.max_seq_len=32", "model.scan_layers=True", "data.seq_len=32", "data.eval_batches=2",
       "train.global_batch_size=8", "train.eval_every=0", "optimizer.warmup_steps=5")]
   return [sys.executable, "-m", "trainer.main", "--config", str(REPO / "configs/cpu_lm.py"),
           "--workdir", str(workdir), *flags, *[f"--config.{o}" for o in overrides]]

@@ -17,6 +17,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 from jax.experimental import multihost_utils
 
 # Config sections a checkpoint must agree with to be resumed.
@@ -91,12 +92,29 @@ class Checkpointer:
           "config:\n  " + "\n  ".join(shown) +
           "\nUse another --workdir, or the config the checkpoint was written with.")
 
+  def _saved_process_count(self, step: int) -> Optional[int]:
+    """How many processes saved `step`'s data positions: grain writes one file per
+    process, data/process_<i>-of-<count>.json."""
+    first = list((epath.Path(self.directory) / str(step) / "data").glob("process_0-of-*.json"))
+    return int(first[0].stem.rsplit("-", 1)[1]) if first else None
+
   def restore(self, step: int, abstract_state: Any, data_iterator: Any, config: dict) -> Any:
-    """The state at `step` placed as `abstract_state` says; the iterator is set in place."""
+    """The state at `step` placed as `abstract_state` says; the iterator is set in place.
+
+    A checkpoint saved by another number of processes (a run moved to a bigger or smaller
+    slice) restores the state only: each process's data position belongs to a shard this
+    run does not have, so the data stream starts afresh.
+    """
     self.check_compatible(step, abstract_state, config)
-    restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state),
-        data=grain.checkpoint.CheckpointRestore(data_iterator)))
+    items = dict(state=ocp.args.StandardRestore(abstract_state))
+    saved_by = self._saved_process_count(step)
+    if saved_by == jax.process_count():
+      items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+    else:
+      logging.warning("Step %d was saved by %s processes, this run has %d: the data "
+                      "position does not carry over; the data stream starts afresh.",
+                      step, saved_by, jax.process_count())
+    restored = self._manager.restore(step, args=ocp.args.Composite(**items))
     logging.info("Restored step %d from %s", step, self.directory)
     return restored.state
 

@@ -1,47 +1,87 @@
 """Multi-host start: one JAX system across processes (TPU pod hosts, GPU nodes, or
-several local processes in tests)."""
+several local processes in tests).
 
+config.distributed.mode:
+  'auto'   - where JAX can find its peers by itself (a Cloud TPU VM, a GKE or multislice
+             TPU job, Slurm or Open MPI with more than one task), jax.distributed.initialize()
+             with everything detected; elsewhere one process. Under Slurm and Open MPI, JAX
+             then gives each process one GPU: launch one task per GPU.
+  'manual' - coordinator address, process count and process id from the config; a setting
+             left empty is read from JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES or
+             JAX_PROCESS_ID. Nothing is auto-detected, so each process keeps all its local
+             devices (one process per node: scripts/launch_gpu.py).
+  'off'    - one process, whatever the environment says.
+It must run before anything touches a device (JAX refuses to join a system after that).
+"""
+
+import glob
 import os
 
 import jax
 import ml_collections
 from absl import logging
 
+MODES = ("auto", "manual", "off")
+
 
 def default_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
-      # 'auto': initialize on TPU pods / managed clusters (jax detects the topology),
-      # 'off': single process, 'manual': use the fields below (GPU clusters, tests).
-      mode="auto",
-      coordinator_address="",  # host:port of process 0
-      num_processes=1,
-      process_id=0,
+      mode="auto",  # 'auto', 'manual' or 'off': see the module docstring
+      coordinator_address="",  # manual: host:port of process 0 (every process the same)
+      num_processes=ml_collections.config_dict.placeholder(int),  # manual
+      process_id=ml_collections.config_dict.placeholder(int),  # manual: 0 .. num_processes-1
   ))
 
 
-def _on_managed_cluster() -> bool:
-  """True where jax.distributed.initialize() can find its peers by itself."""
-  markers = ("TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS", "SLURM_JOB_ID",
-             "OMPI_COMM_WORLD_SIZE")
-  return any(os.environ.get(m) for m in markers)
+def _has_tpu_chips() -> bool:
+  """TPU chips attached to this host: /dev/accel<n> (v2-v4) or /dev/vfio/<n> (v5e on)."""
+  return bool(glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*"))
+
+
+def _env_int(name: str) -> int:
+  return int(os.environ.get(name, "1") or "1")
+
+
+def _cluster_detected() -> bool:
+  """True where jax.distributed.initialize() with no arguments finds its peers."""
+  return (_has_tpu_chips() or
+          any(os.environ.get(v) for v in ("TPU_WORKER_HOSTNAMES",
+                                           "MEGASCALE_COORDINATOR_ADDRESS")) or
+          _env_int("SLURM_NTASKS") > 1 or _env_int("OMPI_COMM_WORLD_SIZE") > 1)
+
+
+def manual_settings(cfg: ml_collections.ConfigDict) -> tuple[str, int, int]:
+  """(coordinator address, process count, process id) from the config, else the
+  environment; ValueError naming the setting when one is missing or out of range."""
+  address = cfg.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS", "")
+  if not address:
+    raise ValueError("distributed.mode='manual' needs distributed.coordinator_address (or "
+                     "JAX_COORDINATOR_ADDRESS): host:port of process 0.")
+  values = {}
+  for field, env in (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID")):
+    value = cfg[field] if cfg[field] is not None else os.environ.get(env)
+    if value is None or value == "":
+      raise ValueError(f"distributed.mode='manual' needs distributed.{field} (or {env}).")
+    values[field] = int(value)
+  count, index = values["num_processes"], values["process_id"]
+  if count < 1 or not 0 <= index < count:
+    raise ValueError(f"distributed.process_id={index} must be in [0, num_processes={count}).")
+  return address, count, index
 
 
 def initialize(cfg: ml_collections.ConfigDict) -> None:
-  """jax.distributed.initialize as the config (or the environment) says; idempotent."""
-  if cfg.mode not in ("auto", "off", "manual"):
-    raise ValueError(f"distributed.mode={cfg.mode!r} must be 'auto', 'off' or 'manual'.")
-  if cfg.mode == "off" or (cfg.mode == "auto" and not _on_managed_cluster()):
-    return
-  if jax.distributed.is_initialized():
+  """jax.distributed.initialize as cfg.mode says; a no-op if already initialized."""
+  if cfg.mode not in MODES:
+    raise ValueError(f"distributed.mode={cfg.mode!r} must be one of {', '.join(MODES)}.")
+  if jax.distributed.is_initialized() or cfg.mode == "off":
     return
   if cfg.mode == "manual":
-    if not cfg.coordinator_address:
-      raise ValueError("distributed.mode='manual' needs distributed.coordinator_address "
-                       "(host:port of process 0).")
-    if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS") == "cpu":
-      jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=cfg.coordinator_address,
-                               num_processes=cfg.num_processes, process_id=cfg.process_id)
-  else:
+    address, count, index = manual_settings(cfg)
+    # CPU processes talk over gloo, JAX's default for CPU collectives.
+    jax.distributed.initialize(coordinator_address=address, num_processes=count,
+                               process_id=index, cluster_detection_method="deactivate")
+  elif _cluster_detected():
     jax.distributed.initialize()
+  else:
+    return
   logging.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())

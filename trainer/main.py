@@ -21,7 +21,7 @@ from ml_collections import config_flags
 
 from trainer import checkpoint as checkpoint_lib
 from trainer import data as data_lib
-from trainer import distributed, hardware
+from trainer import distributed, dry_run, hardware
 from trainer import setup as setup_lib
 from trainer import step as step_lib
 from trainer.metrics import MetricsWriter, StepTimer
@@ -29,6 +29,11 @@ from trainer.metrics import MetricsWriter, StepTimer
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and config go here.")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Only check that the config fits its target "
+                             "devices: memory per device, ahead-of-time compile (dry_run.py).")
+_TOPOLOGY = flags.DEFINE_string("topology", None, "The dry run's target TPU topology, e.g. "
+                                "'v5p:2x2x2'; '' for the local devices. Default: "
+                                "config.dry_run.topology.")
 
 
 def _quiet_library_logs() -> None:
@@ -158,6 +163,8 @@ def train(config, workdir: str, devices=None) -> tuple[step_lib.TrainState, dict
 
 def main(argv):
   del argv
+  if _DRY_RUN.value:
+    return dry_run.main(_CONFIG.value, _TOPOLOGY.value)
   if _WORKDIR.value is None:
     raise app.UsageError("--workdir is required.")
   _quiet_library_logs()

@@ -60,9 +60,10 @@ def _check_batch(config, mesh, rules) -> None:
     raise ValueError(f"train.global_batch_size / train.microbatches = {batch // micro} must "
                      f"be divisible by the data-parallel size {dp} (mesh axes "
                      f"{mesh_lib.batch_axes(rules)} of mesh {dict(mesh.shape)}).")
-  if batch % jax.process_count():
+  processes = len({d.process_index for d in mesh.devices.flat})  # a target's, in dry runs
+  if batch % processes:
     raise ValueError(f"train.global_batch_size={batch} must be divisible by the "
-                     f"{jax.process_count()} processes.")
+                     f"{processes} processes.")
 
 
 def _check_divisible(abstract_params, param_specs, mesh) -> None:
@@ -91,8 +92,11 @@ def _opt_state_specs(config, tx, abstract_params, param_specs, mesh):
                                is_leaf=lambda x: isinstance(x, P))
 
 
-def build_setup(config, devices=None) -> Setup:
-  """Check the config, then build the run on `devices` (default: all)."""
+def build_setup(config, devices=None, check_vocab: bool = True) -> Setup:
+  """Check the config, then build the run on `devices` (default: all).
+
+  check_vocab=False skips building the tokenizer, for checks on machines without it.
+  """
   optim.check_config(config.optimizer)
 
   # Mesh.
@@ -107,7 +111,7 @@ def build_setup(config, devices=None) -> Setup:
   abstract_params = nnx.to_pure_dict(abstract_params_state)
   param_specs = nnx.to_pure_dict(models.partition_specs(abstract_params_state, rules))
   _check_divisible(abstract_params, param_specs, mesh)
-  if data_lib.vocab_size(config.data) > config.model.vocab_size:
+  if check_vocab and data_lib.vocab_size(config.data) > config.model.vocab_size:
     raise ValueError(f"model.vocab_size={config.model.vocab_size} is smaller than the "
                      f"tokenizer's {data_lib.vocab_size(config.data)} tokens.")
 

@@ -7,6 +7,7 @@ Both map a document (str or bytes) to an int32 id array and expose `vocab_size` 
 import os
 
 import numpy as np
+from etils import epath
 
 
 class ByteTokenizer:
@@ -32,8 +33,9 @@ class ByteTokenizer:
 
 
 class SentencePieceTokenizer:
-  """A trained SentencePiece model. EOS is the model's own if it has one; otherwise one
-  extra id, `piece_size`, is appended to the vocabulary."""
+  """A trained SentencePiece model, a local file or a gs:// object (with gcsfs installed).
+  EOS is the model's own if it has one; otherwise one extra id, `piece_size`, is appended
+  to the vocabulary."""
 
   def __init__(self, model_path: str):
     try:
@@ -42,7 +44,8 @@ class SentencePieceTokenizer:
       raise ImportError(
           f"Tokenizer {model_path!r} is a SentencePiece model, but the sentencepiece "
           "package is not installed: pip install sentencepiece") from e
-    self._processor = sentencepiece.SentencePieceProcessor(model_file=model_path)
+    self._processor = sentencepiece.SentencePieceProcessor(
+        model_proto=epath.Path(model_path).read_bytes())
     pieces = self._processor.get_piece_size()
     own_eos = self._processor.eos_id()
     self.eos_id = own_eos if own_eos >= 0 else pieces
@@ -63,7 +66,7 @@ def make_tokenizer(name_or_path: str):
   if name_or_path == "bytes":
     return ByteTokenizer()
   path = os.path.expanduser(name_or_path)
-  if not os.path.isfile(path):
+  if not epath.Path(path).is_file():
     raise FileNotFoundError(
         f"Tokenizer {name_or_path!r} is neither 'bytes' nor an existing SentencePiece "
         ".model file.")

@@ -1,0 +1,72 @@
+"""The pre-launch check (--dry_run): bytes per device of the sharded state, and ahead-of-
+time compiles for TPU topologies on this CPU-only machine."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from trainer import dry_run
+from trainer import setup as setup_lib
+from trainer_utils import REPO, tiny_config
+
+needs_libtpu = pytest.mark.skipif(
+    importlib.util.find_spec("libtpu") is None,
+    reason="compiling for a TPU topology needs libtpu: pip install -e '.[tpu]'")
+
+# configs/llm_tpu.py with its model shrunk to compile in about a minute on 2 cores.
+SMALL_MODEL = ("model.d_model=256", "model.num_layers=2", "model.num_heads=4",
+               "model.num_kv_heads=2", "model.mlp_dim=512", "model.vocab_size=2048",
+               "model.max_seq_len=256", "data.seq_len=256")
+
+
+def dry_run_llm_tpu(*overrides) -> subprocess.CompletedProcess:
+  """The check as a user runs it: no topology given, so the config's own (v5p:2x2x2)."""
+  command = [sys.executable, "-m", "trainer.main", "--config", "configs/llm_tpu.py:v5p-16",
+             "--dry_run", *[f"--config.{o}" for o in overrides]]
+  return subprocess.run(command, cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"},
+                        capture_output=True, text=True, timeout=600)
+
+
+def test_reported_bytes_per_device_are_those_of_the_sharded_state():
+  config = tiny_config()
+  config.mesh.shape = (2, 2, 2)
+  report = dry_run.check(config)  # the 8 local devices
+
+  run = setup_lib.build_setup(config)
+  with jax.set_mesh(run.mesh):
+    state = run.init_state()
+  first = jax.devices()[0]
+  on_first = lambda tree: sum(shard.data.nbytes for leaf in jax.tree.leaves(tree)
+                              for shard in leaf.addressable_shards if shard.device == first)
+  assert report.params_bytes == on_first(state.params)
+  assert report.opt_state_bytes == on_first(state.opt_state)
+  assert report.params_bytes < sum(x.nbytes for x in jax.tree.leaves(state.params)) / 2
+  assert (report.target, report.num_devices, report.mesh_shape) == (
+      "local devices", 8, {"data": 2, "fsdp": 2, "tensor": 2})
+  assert report.step_bytes > report.params_bytes + report.opt_state_bytes
+  assert report.fits is None  # CPUs have no memory figure
+  assert any(line.startswith("  optimizer state") for line in report.lines())
+
+
+@needs_libtpu
+@pytest.mark.slow
+def test_llm_tpu_compiles_for_its_v5p_slice_on_this_cpu_and_fits():
+  result = dry_run_llm_tpu(*SMALL_MODEL)  # no data or tokenizer on this machine: unread
+  assert result.returncode == 0, result.stderr[-3000:]
+  lines = result.stdout.splitlines()
+  assert lines[0] == ("Target: v5p:2x2x2, 8 x TPU v5 on 2 host(s), mesh {'data': 1, "
+                      "'fsdp': 4, 'tensor': 2}")
+  total = next(line for line in lines if line.startswith("  total"))
+  assert total.endswith("of 95.00 GiB per chip (0%): fits")
+
+
+@needs_libtpu
+def test_a_step_too_big_for_the_chip_fails_the_check():
+  result = dry_run_llm_tpu("model.remat=none")  # the full 1B model, nothing rematerialized
+  assert result.returncode == 1, result.stderr[-3000:]
+  assert "DOES NOT FIT: the compiler refused it: RESOURCE_EXHAUSTED" in result.stdout
+  assert "model.remat='full'" in result.stdout  # and says what to change

@@ -1,0 +1,124 @@
+"""Multi-host: two processes on this machine form one JAX system (jax.distributed, gloo
+collectives on CPU), train exactly like one process on the same 4-device mesh, and leave
+a checkpoint that one process resumes."""
+
+import socket
+import subprocess
+
+import jax
+import numpy as np
+import pytest
+
+from trainer import data as data_lib
+from trainer import distributed
+from trainer import setup as setup_lib
+from trainer_utils import (REPO, losses_by_step, read_metrics, run_trainer, tiny_config,
+                           trainer_command, trainer_env)
+
+STEPS, STOP = 8, 5
+# On top of trainer_command's tiny model: what tiny_config(steps=STEPS) also says.
+SETTINGS = (f"train.steps={STEPS}", "train.log_every=1", "checkpoint.save_every=5",
+            "optimizer.learning_rate=0.03")
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def start_process(workdir, index: int, port: int, log_path) -> subprocess.Popen:
+  """Process `index` of 2, with 2 CPU devices of its own."""
+  env = {**trainer_env(), "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=2 "
+                      "--xla_cpu_enable_concurrency_optimized_scheduler=false"}
+  command = trainer_command(
+      workdir, *SETTINGS, f"train.stop_at={STOP}", "distributed.mode=manual",
+      f"distributed.coordinator_address=127.0.0.1:{port}", "distributed.num_processes=2",
+      f"distributed.process_id={index}")
+  with open(log_path, "w") as log:  # a file, not a pipe: a full pipe would stall a process
+    return subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def losses_when_fed(config, shards: tuple[int, ...], steps: int) -> list[float]:
+  """Per-step losses of this process on 4 devices when each global batch is the
+  concatenation of the batches the pipeline gives process p of 2, for p in `shards`."""
+  run = setup_lib.build_setup(config, jax.devices()[:4])
+  iterators = [data_lib.make_train_iterator(config.data, config.train.global_batch_size, p,
+                                            len(shards)) for p in shards]
+  losses = []
+  with jax.set_mesh(run.mesh):
+    state = run.init_state()
+    for _ in range(steps):
+      parts = [next(it) for it in iterators]
+      batch = {k: jax.device_put(np.concatenate([part[k] for part in parts]),
+                                 run.batch_sharding) for k in parts[0]}
+      state, metrics = run.train_step(state, batch)
+      losses.append(float(metrics["train/loss"]))
+  return losses
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one_and_one_process_resumes_them(tmp_path):
+  workdir, port = tmp_path / "run", free_port()
+  logs = [tmp_path / f"process_{i}.log" for i in range(2)]
+  processes = [start_process(workdir, i, port, logs[i]) for i in range(2)]
+  try:
+    codes = [p.wait(timeout=600) for p in processes]
+  finally:
+    for p in processes:
+      if p.poll() is None:
+        p.kill()
+  assert codes == [0, 0], "\n".join(log.read_text()[-3000:] for log in logs)
+  assert "process 1 of 2" in logs[1].read_text()
+
+  # Only process 0 wrote metrics: one line per step.
+  assert [m["step"] for m in read_metrics(workdir)] == list(range(1, STOP + 1))
+  two = losses_by_step(workdir)
+
+  # Each process read its own shard (documents p, p + 2, ...) into its own rows of the
+  # global batch: the losses are those of one process on the same mesh fed both shards.
+  config = tiny_config(steps=STEPS)
+  expected = losses_when_fed(config, (0, 1), STOP)
+  np.testing.assert_allclose([two[s] for s in range(1, STOP + 1)], expected, rtol=2e-4)
+  # The comparison can tell: had both processes read process 0's shard, step 1 differs.
+  both_read_shard_0 = losses_when_fed(config, (0, 0), 1)[0]
+  assert abs(both_read_shard_0 - two[1]) > 20 * 2e-4 * two[1]
+
+  # One process (one device) resumes the 2-process checkpoint and trains on.
+  result = run_trainer(workdir, *SETTINGS, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f"Starting at step {STOP}" in result.stderr
+  assert "saved by 2 processes" in result.stderr  # the data stream starts afresh
+  resumed = losses_by_step(workdir)
+  assert sorted(resumed) == list(range(1, STEPS + 1))
+  assert resumed[STOP + 1] < two[1] - 0.3  # trained params, not a fresh model
+
+
+def test_manual_mode_reads_what_the_config_leaves_empty_from_the_environment(monkeypatch):
+  cfg = distributed.default_config()
+  cfg.mode = "manual"
+  monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "10.0.0.1:1234")
+  monkeypatch.setenv("JAX_NUM_PROCESSES", "4")
+  monkeypatch.setenv("JAX_PROCESS_ID", "3")
+  assert distributed.manual_settings(cfg) == ("10.0.0.1:1234", 4, 3)
+  cfg.update(dict(coordinator_address="host0:99", num_processes=2, process_id=1))
+  assert distributed.manual_settings(cfg) == ("host0:99", 2, 1)  # the config wins
+  cfg.process_id = 2
+  with pytest.raises(ValueError, match="distributed.process_id=2"):
+    distributed.manual_settings(cfg)
+  cfg.process_id = None
+  monkeypatch.delenv("JAX_PROCESS_ID")
+  with pytest.raises(ValueError, match="distributed.process_id"):
+    distributed.manual_settings(cfg)
+
+
+def test_auto_mode_stays_single_process_off_clusters(monkeypatch):
+  for name in ("TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS", "SLURM_NTASKS",
+               "OMPI_COMM_WORLD_SIZE"):
+    monkeypatch.delenv(name, raising=False)
+  monkeypatch.setattr(distributed, "_has_tpu_chips", lambda: False)
+  distributed.initialize(distributed.default_config())  # would fail after jax started
+  assert not jax.distributed.is_initialized()
+  monkeypatch.setenv("SLURM_NTASKS", "4")
+  assert distributed._cluster_detected()  # pylint: disable=protected-access

@@ -1,0 +1,168 @@
+"""Pre-launch check: will a config fit its chips? Answered on any machine, a laptop CPU too.
+
+    JAX_PLATFORMS=cpu python -m trainer.main --config configs/llm_tpu.py --dry_run
+
+builds the run (trainer/setup.py) on the target's mesh - a TPU topology that libtpu
+describes without the chips (`--topology v5p:2x2x2`, default config.dry_run.topology),
+or the local devices when the topology is '' - and reports the train state's bytes per
+device. Then it compiles the train step ahead of time for that target and compares the
+compiled step's memory per device with the chip's. No data or tokenizer is read, no
+array is allocated and nothing is written: a config that cannot fit fails here, not on
+a slice that is being paid for.
+"""
+
+import collections
+import dataclasses
+import math
+import os
+import time
+from typing import Any, Optional
+
+import jax
+import numpy as np
+
+from trainer import hardware
+from trainer import setup as setup_lib
+
+GiB = hardware.GiB
+
+
+def target_devices(topology: str) -> list:
+  """The devices of a TPU topology such as 'v5p:2x2x2', or the local devices for ''."""
+  if not topology:
+    return jax.devices()
+  # Describing a topology loads libtpu, which by default lets one process per host hold
+  # it (/tmp/libtpu_lockfile); no TPU is driven here, so others may load it too.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
+  try:
+    return topologies.get_topology_desc(topology_name=topology, platform="tpu").devices
+  except (RuntimeError, ValueError) as e:
+    raise ValueError(
+        f"Cannot describe the TPU topology {topology!r} ({e}). It needs libtpu "
+        "(pip install -e '.[tpu]') and a name like 'v5p:2x2x2', 'v5e:4x4' or 'v6e:4x4'; "
+        "--topology='' checks on the local devices instead.") from e
+
+
+def bytes_per_device(tree: Any) -> int:
+  """Bytes of `tree`'s arrays (or ShapeDtypeStructs with shardings) on the device that
+  holds the most of them: every device holds its own shard of each array."""
+  totals = collections.Counter()
+  for leaf in jax.tree.leaves(tree):
+    itemsize = np.dtype(leaf.dtype).itemsize
+    for device, index in leaf.sharding.devices_indices_map(leaf.shape).items():
+      shard = math.prod(len(range(*s.indices(n))) for s, n in zip(index, leaf.shape))
+      totals[device] += shard * itemsize
+  return max(totals.values(), default=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Report:
+  """What the check found; per-device figures are for the most loaded device."""
+
+  target: str  # the topology, or 'local devices'
+  device_kind: str
+  num_devices: int
+  num_hosts: int
+  mesh_shape: dict
+  num_params: int
+  params_bytes: int
+  opt_state_bytes: int
+  memory: Any  # the compiled step's CompiledMemoryStats (per device); None if refused
+  compile_error: str  # the compiler's out-of-memory message, if it refused the step
+  compile_seconds: float
+  device_memory: Optional[int]  # bytes per chip; None where unknown (CPU)
+
+  @property
+  def step_bytes(self) -> Optional[int]:
+    """Peak bytes per device of one step as XLA planned it: arguments (state, batch),
+    outputs not written over donated arguments, temporaries and code."""
+    m = self.memory
+    if m is None:
+      return None
+    return (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes +
+            m.temp_size_in_bytes + m.generated_code_size_in_bytes)
+
+  @property
+  def fits(self) -> Optional[bool]:
+    if self.compile_error:
+      return False
+    return None if self.device_memory is None else self.step_bytes <= self.device_memory
+
+  def lines(self) -> list[str]:
+    lines = [
+        f"Target: {self.target}, {self.num_devices} x {self.device_kind} on "
+        f"{self.num_hosts} host(s), mesh {self.mesh_shape}",
+        f"Model: {self.num_params / 1e6:.1f}M params",
+        "Train state per device:",
+        f"  params           {_size(self.params_bytes)}",
+        f"  optimizer state  {_size(self.opt_state_bytes)}",
+        f"Compiled train step per device (compiled in {self.compile_seconds:.0f} s):",
+    ]
+    if self.compile_error:
+      lines.append(f"  DOES NOT FIT: the compiler refused it: {self.compile_error}")
+    else:
+      m = self.memory
+      verdict = ("no memory figure for this device kind" if self.fits is None else
+                 f"of {_size(self.device_memory).strip()} per chip "
+                 f"({self.step_bytes / self.device_memory:.0%}): " +
+                 ("fits" if self.fits else "DOES NOT FIT"))
+      lines += [
+          f"  arguments        {_size(m.argument_size_in_bytes)}  (state and batch)",
+          f"  outputs          {_size(m.output_size_in_bytes)}",
+          f"  donated          {_size(-m.alias_size_in_bytes)}  (outputs written over "
+          "arguments)",
+          f"  temporaries      {_size(m.temp_size_in_bytes)}",
+          f"  code             {_size(m.generated_code_size_in_bytes)}",
+          f"  total            {_size(self.step_bytes)}  {verdict}",
+      ]
+    if self.fits is False:
+      lines.append("To fit: fewer rows per device (train.global_batch_size, or more "
+                   "train.microbatches), model.remat='full', more fsdp in mesh.shape, or "
+                   "a bigger slice.")
+    return lines
+
+
+def _size(num_bytes: int) -> str:
+  """Right-aligned GiB, or MiB below a GiB (small configs)."""
+  if abs(num_bytes) >= GiB:
+    return f"{num_bytes / GiB:9.2f} GiB"
+  return f"{num_bytes / 2**20:9.2f} MiB"
+
+
+def _compile_memory(run, config) -> tuple[Any, str]:
+  """(memory stats, '') of the compiled train step, or (None, message) when the compiler
+  finds it too big for the chip (TPU compilers refuse such programs)."""
+  try:
+    with jax.set_mesh(run.mesh):
+      lowered = run.train_step.lower(run.abstract_state, run.abstract_batch(config))
+      return lowered.compile().memory_analysis(), ""
+  except jax.errors.JaxRuntimeError as e:
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    return None, str(e).splitlines()[0]
+
+
+def check(config, topology: str = "") -> Report:
+  """Build `config`'s run on the target and compile its train step; nothing runs."""
+  devices = target_devices(topology)
+  run = setup_lib.build_setup(config, devices, check_vocab=False)
+  start = time.perf_counter()
+  memory, compile_error = _compile_memory(run, config)
+  return Report(
+      target=topology or "local devices", device_kind=devices[0].device_kind,
+      num_devices=len(devices), num_hosts=len({d.process_index for d in devices}),
+      mesh_shape=dict(run.mesh.shape), num_params=run.num_params,
+      params_bytes=bytes_per_device(run.abstract_state.params),
+      opt_state_bytes=bytes_per_device(run.abstract_state.opt_state),
+      memory=memory, compile_error=compile_error,
+      compile_seconds=time.perf_counter() - start,
+      device_memory=hardware.memory_per_device(devices[0]))
+
+
+def main(config, topology: Optional[str] = None) -> int:
+  """Print the check's report; the exit status is 1 if the step does not fit, else 0.
+  `topology` None means config.dry_run.topology."""
+  report = check(config, config.dry_run.topology if topology is None else topology)
+  print("\n".join(report.lines()), flush=True)
+  return 1 if report.fits is False else 0
