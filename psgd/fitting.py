@@ -193,19 +193,23 @@ _RULES: dict[str, Callable] = {
 
 
 def fit(mode: str, factors: Factors, lipschitz: jax.Array, h: jax.Array, key: jax.Array, *,
-        lr: float, beta: float, damping: float, grad_eps: float) -> tuple[Factors, jax.Array]:
+        lr: float, beta: float, damping: float, grad_eps: float,
+        p_factors: Factors | None = None) -> tuple[Factors, jax.Array]:
   """One fitting step of the factors (and their Lipschitz memory, shape (2,)) on h.
 
   h (the gradient or momentum, float32) is damped with noise of size
   damping + grad_eps * |h|, which bounds P above by about I / damping and keeps the
-  fit well posed when h is zero or low rank.
+  fit well posed when h is zero or low rank. `p_factors`, if given, are the factors'
+  `preconditioner_factors` (cached by the caller), saving their recomputation.
   """
   if mode == "EQ":
     return _fit_eq(factors, lipschitz, h, key, lr=lr, beta=beta, damping=damping,
                    grad_eps=grad_eps)
   k_noise, k_norm, k_rule = jax.random.split(key, 3)
   h = h + (damping + grad_eps * jnp.abs(h)) * _rank_one_noise(k_noise, h.shape)
-  pg = apply_preconditioner(preconditioner_factors(mode, factors), h)
+  if p_factors is None:
+    p_factors = preconditioner_factors(mode, factors)
+  pg = apply_preconditioner(p_factors, h)
   new_factors, new_lipschitz = [], []
   for k, f in enumerate(factors):
     dense = f.ndim == 2

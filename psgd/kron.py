@@ -42,9 +42,24 @@ class KronState(NamedTuple):
   key: jax.Array  # uint32[2] PRNG key: update decisions, noise, norm estimates
   mu: Any  # momentum, or None when b1 == 0
   factors: Any  # per param: (factor0, factor1), each (batch, d, d) or (batch, d)
+  precond: Any  # per param: P's factors, shaped like `factors` (cache_preconditioner), or None
   lipschitz: Any  # per param: (batch, 2) float32 Lipschitz memory of the factors
   initialized: jax.Array  # bool: the preconditioner scale is set
   num_updates: jax.Array  # int32 preconditioner refits so far
+
+
+def _pairs(factor_tree) -> list[tuple[jax.Array, jax.Array]]:
+  """Per parameter (factor0, factor1), from a tree of factor pairs.
+
+  Read by leaves in order, not by container type, so a state that went through
+  nnx.Optimizer (tuples turned into States) reads the same.
+  """
+  leaves = jax.tree.leaves(factor_tree)
+  return list(zip(leaves[::2], leaves[1::2]))
+
+
+def _f32(factors):
+  return tuple(f.astype(jnp.float32) for f in factors)
 
 
 def _check_mask(mask, params, name: str):
@@ -66,7 +81,8 @@ STATIC_ARGS = ("b1", "max_size_triangular", "max_skew_triangular", "min_ndim_tri
                "memory_save_mode", "block_size", "preconditioner_mode", "whiten_grad",
                "lr_style", "mu_dtype", "precond_dtype", "precond_update_precision",
                "precond_grads_precision", "scanned_layers", "lax_map_scanned_layers",
-               "lax_map_batch_size", "seed", "preconditioner_init_scale")
+               "lax_map_batch_size", "seed", "preconditioner_init_scale",
+               "cache_preconditioner")
 
 
 def _is_number(x) -> bool:
@@ -152,6 +168,7 @@ def scale_by_kron(
     preconditioner_lr: float = 0.1,
     preconditioner_init_scale: Optional[float] = None,
     preconditioner_mode: str = "Q0.5EQ1.5",
+    cache_preconditioner: bool = False,
     whiten_grad: bool = True,
     lr_style: Optional[str] = "adam",
     beta_lipschitz: float = 0.9,
@@ -184,6 +201,9 @@ def scale_by_kron(
     preconditioner_init_scale: P starts as scale^2 * I; None sets it from the first
       nonzero gradients.
     preconditioner_mode: 'Q0.5EQ1.5' (default), 'EQ', 'QEQ', 'QUAD', 'PRO4P', 'QUAD4P'.
+    cache_preconditioner: keep P = Q^T Q in the state, recomputed only when Q changes,
+      instead of forming it every step: faster steps between refits, at the memory of a
+      second set of factors. A no-op for the modes that store P itself ('*4P').
     whiten_grad: fit P on gradients (True) or on the momentum (False; then reduce the
       learning rate by about sqrt((1 + b1) / (1 - b1))).
     lr_style: 'adam' gives the update Adam's RMS so AdamW learning rates and weight
@@ -203,6 +223,7 @@ def scale_by_kron(
   """
   _check_args(locals())
   mode = preconditioner_mode
+  cache = cache_preconditioner and mode not in fitting.STORES_P
   precond_dtype = jnp.dtype(precond_dtype or jnp.float32)
   layout_kwargs = dict(max_size_triangular=max_size_triangular,
                        max_skew_triangular=max_skew_triangular,
@@ -215,6 +236,19 @@ def scale_by_kron(
   def layouts_of(tree):
     return jax.tree.leaves(plan_layouts(tree, scanned_layers, **layout_kwargs),
                            is_leaf=lambda x: isinstance(x, layout_lib.Layout))
+
+  def p_factors_of(fs):
+    """P's factors of one parameter's batch of matrices."""
+    return jax.vmap(lambda *f: fitting.preconditioner_factors(mode, f))(*fs)
+
+  def stored(factors):
+    """Factors in their storage dtype. They keep it between refits, so a step that
+    does not refit converts nothing but what it multiplies with."""
+    return tuple(f.astype(precond_dtype) for f in factors)
+
+  def derive(factor_list):
+    """P's factors of each parameter (float32 in, stored out) if cached, else None."""
+    return [stored(p_factors_of(fs)) for fs in factor_list] if cache else None
 
   def map_matrices(lay, fn, *args):
     """fn over the batch of matrices of one param: vmap, or lax.map for scanned."""
@@ -230,17 +264,19 @@ def scale_by_kron(
     def identity_factors(lay):
       eye = [jnp.broadcast_to(jnp.eye(d) if dense else jnp.ones(d), shape)
              for d, dense, shape in zip(lay.block_shape, lay.dense, lay.factor_shapes())]
-      return tuple(f.astype(precond_dtype)
-                   for f in fitting.scale_factors(mode, tuple(eye), init_scale))
+      return fitting.scale_factors(mode, tuple(eye), init_scale)
 
     mu = None
     if b1 > 0:
       mu = treedef.unflatten([jnp.zeros_like(p, dtype=mu_dtype or p.dtype) for p in leaves])
+    factors = [identity_factors(lay) for lay in layouts]
+    precond = derive(factors)
     return KronState(
         count=jnp.zeros([], jnp.int32),
         key=jax.random.PRNGKey(seed),
         mu=mu,
-        factors=treedef.unflatten([identity_factors(lay) for lay in layouts]),
+        factors=treedef.unflatten([stored(fs) for fs in factors]),
+        precond=None if precond is None else treedef.unflatten(precond),
         lipschitz=treedef.unflatten([jnp.zeros((lay.batch, 2), jnp.float32)
                                      for lay in layouts]),
         initialized=jnp.array(preconditioner_init_scale is not None),
@@ -251,10 +287,8 @@ def scale_by_kron(
     leaves, treedef = jax.tree.flatten(updates)
     layouts = layouts_of(updates if params is None else params)
     grads = [g.astype(jnp.float32) for g in leaves]
-    # State trees are read by their leaves in order, not by container type, so a state
-    # that went through nnx.Optimizer (tuples turned into States) reads the same.
-    factor_leaves = [f.astype(jnp.float32) for f in jax.tree.leaves(state.factors)]
-    factors = list(zip(factor_leaves[::2], factor_leaves[1::2]))
+    factors = [stored(fs) for fs in _pairs(state.factors)]
+    precond = [stored(fs) for fs in _pairs(state.precond)] if cache else None
     lipschitz = jax.tree.leaves(state.lipschitz)
     old_mu = jax.tree.leaves(state.mu)
     key, k_decide, k_balance, k_fit = jax.random.split(state.key, 4)
@@ -269,13 +303,16 @@ def scale_by_kron(
 
     # Scale of P from the first nonzero gradients.
     if preconditioner_init_scale is None:
-      found, scale = _init_scale(
-          [layout_lib.to_matrices(g, lay) for g, lay in zip(grads, layouts)], damping)
-      factors = jax.lax.cond(
-          found & ~state.initialized,
-          lambda fss: [fitting.scale_factors(mode, fs, scale) for fs in fss],
-          lambda fss: fss, factors)
-      initialized = state.initialized | found
+      def set_scale(carry):  # a pass over all gradients: only until the scale is set
+        found, scale = _init_scale(
+            [layout_lib.to_matrices(g, lay) for g, lay in zip(grads, layouts)], damping)
+        scaled = [fitting.scale_factors(mode, _f32(fs), scale) for fs in carry[0]]
+        scaled = jax.tree.map(lambda a, b: jnp.where(found, a, b.astype(a.dtype)), scaled,
+                              carry[0])
+        return ([stored(fs) for fs in scaled], derive(scaled)), found
+      (factors, precond), initialized = jax.lax.cond(
+          state.initialized, lambda carry: (carry, jnp.array(True)), set_scale,
+          (factors, precond))
     else:
       initialized = state.initialized
 
@@ -290,33 +327,37 @@ def scale_by_kron(
       offsets.append(offsets[-1] + lay.batch)
 
     def refit(carry):
-      factors, lipschitz = carry
+      factors, lipschitz, precond = carry
       do_balance = jax.random.uniform(k_balance) < BALANCE_PROBABILITY
       new_factors, new_lipschitz = [], []
       with jax.default_matmul_precision(precond_update_precision):
-        for lay, fs, lip, h, g, offset in zip(layouts, factors, lipschitz, targets, leaves,
-                                              offsets):
+        for i, (lay, fs, lip, h, g) in enumerate(zip(layouts, factors, lipschitz, targets,
+                                                     leaves)):
           keys = jax.vmap(jax.random.fold_in, (None, 0))(
-              k_fit, offset + jnp.arange(lay.batch))
-          fit_one = functools.partial(fit, grad_eps=float(jnp.finfo(g.dtype).eps))
-          fs, lip = map_matrices(lay, fit_one, fs, lip, layout_lib.to_matrices(h, lay), keys)
+              k_fit, offsets[i] + jnp.arange(lay.batch))
+          fit_one = lambda fs, lip, h, key, pfs: fit(
+              fs, lip, h, key, grad_eps=float(jnp.finfo(g.dtype).eps), p_factors=pfs)
+          fs, lip = map_matrices(lay, fit_one, _f32(fs), lip, layout_lib.to_matrices(h, lay),
+                                 keys, None if precond is None else _f32(precond[i]))
           balanced = jax.vmap(fitting.balance)(fs)
           new_factors.append(tuple(jnp.where(do_balance, b, f) for b, f in zip(balanced, fs)))
           new_lipschitz.append(lip)
-      return new_factors, new_lipschitz
+      return [stored(fs) for fs in new_factors], new_lipschitz, derive(new_factors)
 
-    factors, lipschitz = jax.lax.cond(do_update, refit, lambda c: c, (factors, lipschitz))
+    factors, lipschitz, precond = jax.lax.cond(do_update, refit, lambda c: c,
+                                               (factors, lipschitz, precond))
 
     # Precondition, clip per matrix, scale.
-    def precondition_one(fs, x):
-      y = fitting.apply_preconditioner(fitting.preconditioner_factors(mode, fs), x)
+    def precondition_one(p_factors, x):
+      y = fitting.apply_preconditioner(p_factors, x)
       rms = jnp.sqrt(jnp.mean(y * y))
       return y * (max_update_rms / jnp.maximum(rms, max_update_rms))
 
     out = []
     with jax.default_matmul_precision(precond_grads_precision):
-      for lay, fs, m, g in zip(layouts, factors, mu, leaves):
-        y = map_matrices(lay, precondition_one, fs, layout_lib.to_matrices(m, lay))
+      for i, (lay, fs, m, g) in enumerate(zip(layouts, factors, mu, leaves)):
+        p_factors = _f32(precond[i]) if cache else p_factors_of(_f32(fs))
+        y = map_matrices(lay, precondition_one, p_factors, layout_lib.to_matrices(m, lay))
         out.append((layout_lib.from_matrices(y, lay) * output_scale).astype(g.dtype))
 
     new_state = KronState(
@@ -324,8 +365,8 @@ def scale_by_kron(
         key=key,
         mu=None if b1 == 0 else treedef.unflatten(
             [m.astype(old.dtype) for m, old in zip(mu, old_mu)]),
-        factors=treedef.unflatten([tuple(f.astype(precond_dtype) for f in fs)
-                                   for fs in factors]),
+        factors=treedef.unflatten(factors),
+        precond=None if precond is None else treedef.unflatten(precond),
         lipschitz=treedef.unflatten(lipschitz),
         initialized=initialized,
         num_updates=state.num_updates + do_update.astype(jnp.int32),
@@ -361,6 +402,7 @@ def kron(
     preconditioner_lr: float = 0.1,
     preconditioner_init_scale: Optional[float] = None,
     preconditioner_mode: str = "Q0.5EQ1.5",
+    cache_preconditioner: bool = False,
     whiten_grad: bool = True,
     lr_style: Optional[str] = "adam",
     beta_lipschitz: float = 0.9,
@@ -392,7 +434,8 @@ def kron(
       min_ndim_triangular=min_ndim_triangular, memory_save_mode=memory_save_mode,
       block_size=block_size, preconditioner_lr=preconditioner_lr,
       preconditioner_init_scale=preconditioner_init_scale,
-      preconditioner_mode=preconditioner_mode, whiten_grad=whiten_grad, lr_style=lr_style,
+      preconditioner_mode=preconditioner_mode,
+      cache_preconditioner=cache_preconditioner, whiten_grad=whiten_grad, lr_style=lr_style,
       beta_lipschitz=beta_lipschitz, damping=damping, max_update_rms=max_update_rms,
       mu_dtype=mu_dtype, precond_dtype=precond_dtype,
       precond_update_precision=precond_update_precision,

@@ -6,6 +6,7 @@ The rule (each state leaf of a parameter with spec `ps`):
     parameter's first dim when it is the layer axis (batch == shape[0] > 1), else None;
     the first d axis is spread over the remaining mesh axes, largest first, taking each
     axis whose size still divides d, so that no device holds every factor;
+  * cached P factors (cache_preconditioner): as the factors;
   * Lipschitz memory (batch, 2): the batch axis as above;
   * step count, key and flags: replicated.
 Any other leaf of an optax chain around `scale_by_kron` (e.g. a schedule's count) is a
@@ -61,6 +62,7 @@ def kron_state_specs(state: KronState, params, param_specs, mesh) -> KronState:
       count=P(), key=P(),
       mu=None if state.mu is None else param_specs,
       factors=treedef.unflatten([f for f, _ in per_param]),
+      precond=None if state.precond is None else treedef.unflatten([f for f, _ in per_param]),
       lipschitz=treedef.unflatten([lip for _, lip in per_param]),
       initialized=P(), num_updates=P())
 

@@ -21,6 +21,8 @@ import tempfile
 
 import jax
 
+import psgd
+
 
 def load_config(path: str):
   spec = importlib.util.spec_from_file_location("bench_config", path)
@@ -44,8 +46,13 @@ def run_one(args, optimizer: str, mode: str, lr: float, width: int) -> dict:
     records = [json.loads(line) for line in open(f"{workdir}/metrics.jsonl")]
   curve = [(r["step"], r["eval/loss"]) for r in records if "eval/loss" in r]
   step_times = [r["train/step_time"] for r in records if "train/step_time" in r][1:]
-  return dict(optimizer=optimizer, mode=mode, lr=lr, width=width, curve=curve,
+  return dict(optimizer=optimizer, mode=mode, lr=lr, width=width, steps=args.steps,
+              config=args.config, curve=curve,
               best=min(loss for _, loss in curve), step_time=statistics.median(step_times))
+
+
+def run_key(run) -> tuple:
+  return (run["optimizer"], run["mode"], run["lr"], run["width"])
 
 
 def steps_to_reach(curve, target: float):
@@ -114,14 +121,21 @@ def main():
   parser.add_argument("--steps", type=int, default=400)
   parser.add_argument("--evals", type=int, default=8, help="evaluations per run")
   parser.add_argument("--optimizers", default="adamw,kron")
-  parser.add_argument("--modes", default="Q0.5EQ1.5", help="Kron modes, comma separated")
-  parser.add_argument("--adamw_lrs", default="1e-3,3e-3,1e-2,3e-2")
-  parser.add_argument("--kron_lrs", default="1e-3,3e-3,1e-2,3e-2")
+  parser.add_argument("--modes", default=",".join(psgd.MODES),
+                      help="Kron modes, comma separated")
+  parser.add_argument("--adamw_lrs", default="5e-4,1e-3,2e-3,4e-3")
+  parser.add_argument("--kron_lrs", default="1e-3,2e-3,4e-3,8e-3")
   parser.add_argument("--widths", default="1", help="width multipliers, comma separated")
   parser.add_argument("--out", default="docs/convergence")
+  parser.add_argument("--resume", action="store_true",
+                      help="reuse the runs in <out>/runs.json made with the same settings")
   args = parser.parse_args()
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
+  done = {}
+  if args.resume and (out / "runs.json").exists():
+    done = {run_key(r): r for r in json.loads((out / "runs.json").read_text())
+            if r.get("steps") == args.steps and r.get("config") == args.config}
   runs = []
   for width in [int(w) for w in args.widths.split(",")]:
     for optimizer in args.optimizers.split(","):
@@ -129,8 +143,10 @@ def main():
       lrs = getattr(args, f"{optimizer}_lrs").split(",")
       for mode in modes:
         for lr in [float(x) for x in lrs]:
-          run = run_one(args, optimizer, mode if mode != "-" else "Q0.5EQ1.5", lr, width)
+          key = (optimizer, mode if optimizer == "kron" else "Q0.5EQ1.5", lr, width)
+          run = done.get(key) or run_one(args, *key)
           runs.append(run)
+          (out / "runs.json").write_text(json.dumps(runs, indent=1))  # survives a crash
           print(f"{label(run)}: best val {run['best']:.4f}, "
                 f"{run['step_time'] * 1e3:.0f} ms/step", flush=True)
   print(report(runs, out, args.steps))

@@ -52,10 +52,12 @@ def optimizers(mask):
   common = dict(learning_rate=3e-4, b1=0.9, weight_decay=0.1, scanned_layers=mask,
                 mu_dtype=jnp.bfloat16)
   opts = {"adamw": optax.adamw(3e-4, weight_decay=0.1)}
+  variants = {"kron": {}, "kron bf16": dict(precond_dtype=jnp.bfloat16),
+              "kron bf16 cached": dict(precond_dtype=jnp.bfloat16, cache_preconditioner=True)}
   for label, prob in (("p=1", 1.0), ("floor", FLOOR)):
-    opts[f"kron {label}"] = psgd.kron(preconditioner_update_probability=prob, **common)
-    opts[f"kron bf16 {label}"] = psgd.kron(preconditioner_update_probability=prob,
-                                          precond_dtype=jnp.bfloat16, **common)
+    for name, extra in variants.items():
+      opts[f"{name} {label}"] = psgd.kron(preconditioner_update_probability=prob, **extra,
+                                          **common)
   try:
     import psgdax
   except ImportError:

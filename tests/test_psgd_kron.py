@@ -92,6 +92,32 @@ def test_scanned_layers_get_different_random_keys():
   assert not np.allclose(q[0], q[1])
 
 
+@pytest.mark.parametrize("mode", ["Q0.5EQ1.5", "QUAD", "EQ"])
+def test_cached_preconditioner_matches_recomputing_it(mode):
+  # Caching P = Q^T Q only saves work: same updates, and the cache holds P of the state's Q.
+  params = {"w": jax.random.normal(jax.random.key(1), (3, 8, 6)), "b": jnp.ones((6,))}
+  grad_fn = lambda p: jax.tree.map(lambda x: jnp.sin(3 * x) + x**2, p)
+  kwargs = dict(preconditioner_update_probability=0.5, preconditioner_mode=mode,
+                scanned_layers={"w": True, "b": False}, seed=1)
+  plain, plain_state = run_steps(psgd.kron(0.1, **kwargs), params, grad_fn, 12)
+  cached, cached_state = run_steps(psgd.kron(0.1, cache_preconditioner=True, **kwargs),
+                                   params, grad_fn, 12)
+  assert plain_state[0].precond is None
+  assert 0 < int(cached_state[0].num_updates) < 12  # refits and cache-only steps both ran
+  for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(cached)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  # (8, 6) per layer: a diagonal and a dense factor.
+  for q, p in zip(cached_state[0].factors["w"], cached_state[0].precond["w"]):
+    expected = q * q if q.ndim == 2 else jnp.einsum("bji,bjk->bik", q, q)
+    np.testing.assert_allclose(p, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_cache_is_a_no_op_for_modes_storing_p():
+  state = psgd.kron(0.1, preconditioner_mode="QUAD4P", cache_preconditioner=True).init(
+      {"w": jnp.ones((4, 4))})
+  assert state[0].precond is None
+
+
 # ------------------------------------------------------------------ numerics
 
 

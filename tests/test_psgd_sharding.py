@@ -37,6 +37,11 @@ def test_state_specs_spread_factors_and_jit_matches_one_device():
   assert kron_specs.factors["layers"][0] == P("fsdp", "tensor", None)
   assert kron_specs.lipschitz["layers"] == P("fsdp", None)
   assert kron_specs.count == P()
+  cached = psgd.kron(1e-2, scanned_layers={"embed": False, "layers": True, "norm": False},
+                     cache_preconditioner=True)
+  cached_specs = psgd.state_partition_specs(jax.eval_shape(cached.init, params), params,
+                                            param_specs, mesh)[0]
+  assert cached_specs.precond == cached_specs.factors == kron_specs.factors
 
   to_sharding = lambda tree: jax.tree.map(lambda s: NamedSharding(mesh, s), tree,
                                           is_leaf=lambda x: isinstance(x, P))

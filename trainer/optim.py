@@ -92,6 +92,8 @@ def default_config() -> ml_collections.ConfigDict:
       # psgd.kron arguments beyond the common ones above.
       kron=ml_collections.ConfigDict(dict(
           preconditioner_mode="Q0.5EQ1.5",
+          # Keep P = Q^T Q in the state: faster steps between refits, +1 set of factors.
+          cache_preconditioner=False,
           # Refit probability: 1 for the first flat steps, then exp decay to the floor.
           update_prob_flat_steps=500,
           update_prob_decay=0.001,
