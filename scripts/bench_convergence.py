@@ -18,10 +18,14 @@ import json
 import pathlib
 import statistics
 import tempfile
+import time
 
 import jax
+import numpy as np
 
 import psgd
+
+FLOOR = 0.03  # the default schedule's floor
 
 
 def load_config(path: str):
@@ -31,13 +35,14 @@ def load_config(path: str):
   return module.get_config()
 
 
-def run_one(args, optimizer: str, mode: str, lr: float, width: int) -> dict:
-  """Train one configuration; returns its eval curve and step times."""
+def run_one(args, optimizer: str, mode: str, lr: float, width: int, steps: int) -> dict:
+  """Train one configuration for `steps` (the schedule fitted to them); returns its eval
+  curve and step times."""
   from trainer import main as trainer_main
   config = load_config(args.config)
-  config.train.update(dict(steps=args.steps, eval_every=max(args.steps // args.evals, 1),
-                           log_every=max(args.steps // args.evals, 1)))
-  config.checkpoint.save_every = 10 * args.steps  # only the final save
+  every = max(args.steps // args.evals, 1)  # the same eval steps for every budget
+  config.train.update(dict(steps=steps, eval_every=every, log_every=every))
+  config.checkpoint.save_every = 10 * steps  # only the final save
   config.optimizer.update(dict(name=optimizer, learning_rate=lr))
   config.optimizer.kron.preconditioner_mode = mode
   config.model.width_multiplier = width
@@ -46,13 +51,68 @@ def run_one(args, optimizer: str, mode: str, lr: float, width: int) -> dict:
     records = [json.loads(line) for line in open(f"{workdir}/metrics.jsonl")]
   curve = [(r["step"], r["eval/loss"]) for r in records if "eval/loss" in r]
   step_times = [r["train/step_time"] for r in records if "train/step_time" in r][1:]
-  return dict(optimizer=optimizer, mode=mode, lr=lr, width=width, steps=args.steps,
+  return dict(optimizer=optimizer, mode=mode, lr=lr, width=width, steps=steps,
               config=args.config, curve=curve,
               best=min(loss for _, loss in curve), step_time=statistics.median(step_times))
 
 
 def run_key(run) -> tuple:
-  return (run["optimizer"], run["mode"], run["lr"], run["width"])
+  return (run["optimizer"], run["mode"], run["lr"], run["width"], run["steps"])
+
+
+def step_timer(args, optimizer: str, mode: str, lr: float, update_prob=None):
+  """A () -> seconds closure timing one train step of this configuration (compiled and
+  warmed up first). update_prob: a constant refit probability for Kron."""
+  from trainer import data as data_lib
+  from trainer import setup as setup_lib
+  config = load_config(args.config)
+  config.optimizer.update(dict(name=optimizer, learning_rate=lr))
+  config.optimizer.kron.preconditioner_mode = mode
+  if update_prob is not None:  # p(n) = clip(exp(-1e9 n), prob, 1): prob from step 1 on
+    config.optimizer.kron.update(dict(update_prob_flat_steps=0, update_prob_decay=1e9,
+                                      update_prob_floor=update_prob))
+  run = setup_lib.build_setup(config)
+  batch = next(data_lib.make_train_iterator(config.data, config.train.global_batch_size, 0, 1))
+  batch = {k: jax.device_put(np.asarray(v), run.batch_sharding) for k, v in batch.items()}
+  with jax.set_mesh(run.mesh):
+    state = run.init_state()
+    for _ in range(3):
+      state, _ = run.train_step(state, batch)
+  jax.block_until_ready(state)
+
+  def tick() -> float:
+    nonlocal state
+    start = time.perf_counter()
+    with jax.set_mesh(run.mesh):
+      state, _ = run.train_step(state, batch)
+    jax.block_until_ready(state)
+    return time.perf_counter() - start
+  return tick
+
+
+def time_steps(args, runs) -> str:
+  """Median train-step time of the best AdamW and Kron runs, timed in interleaved rounds
+  so that machine noise hits all alike; Kron at p=1 (the default schedule's first
+  steps) and at its floor."""
+  best = lambda opt, mode: min((r for r in runs if r["optimizer"] == opt and
+                                (opt == "adamw" or r["mode"] == mode) and r["width"] == 1),
+                               key=lambda r: r["best"])
+  timers = {"adamw": step_timer(args, "adamw", "Q0.5EQ1.5", best("adamw", None)["lr"])}
+  for mode in args.focus_modes.split(","):
+    lr = best("kron", mode)["lr"]
+    timers[f"kron {mode} p=1"] = step_timer(args, "kron", mode, lr, 1.0)
+    timers[f"kron {mode} floor"] = step_timer(args, "kron", mode, lr, FLOOR)
+  times = {name: [] for name in timers}
+  for _ in range(args.time_rounds):
+    for name, tick in timers.items():
+      times[name].append(tick())
+  base = statistics.median(times["adamw"])
+  lines = [f"Train-step time, median of {args.time_rounds} interleaved steps each:", "",
+           "| run | ms/step | x AdamW |", "|---|---|---|"]
+  for name, ts in times.items():
+    lines.append(f"| {name} | {statistics.median(ts) * 1e3:.0f} | "
+                 f"{statistics.median(ts) / base:.2f} |")
+  return "\n".join(lines)
 
 
 def steps_to_reach(curve, target: float):
@@ -73,7 +133,8 @@ def label(run) -> str:
   return f"{name} lr={run['lr']:.3g}" + (f" width x{run['width']}" if run["width"] != 1 else "")
 
 
-def report(runs, out: pathlib.Path, steps: int) -> str:
+def report(all_runs, out: pathlib.Path, steps: int) -> str:
+  runs = [r for r in all_runs if r["steps"] == steps]
   groups = {}
   for run in runs:
     groups.setdefault((run["optimizer"], run["mode"], run["width"]), []).append(run)
@@ -90,10 +151,18 @@ def report(runs, out: pathlib.Path, steps: int) -> str:
     lines.append(f"| {opt} | {mode if opt == 'kron' else '-'} | {width} | {lrs} | "
                  f"{run['lr']:.3g} | {run['best']:.4f} | {reach_text} | "
                  f"{run['step_time']:.3f} |")
+  short = [r for r in all_runs if r["steps"] < steps]
+  if short and adam_target is not None:
+    lines += ["", f"Shorter budgets (schedule fitted to the budget) against AdamW's best "
+              f"final {adam_target:.4f} after {steps} steps:", ""]
+    lines += [f"- {label(r)}, {r['steps']} steps ({r['steps'] / steps:.2f}x): final "
+              f"{r['curve'][-1][1]:.4f}, "
+              f"{'reaches' if r['curve'][-1][1] <= adam_target else 'does not reach'} it"
+              for r in short]
   table = "\n".join(lines)
   (out / "results.md").write_text(table + "\n\nAll runs (final val loss):\n\n" + "\n".join(
       f"- {label(r)}: {r['curve'][-1][1]:.4f}" for r in runs) + "\n")
-  (out / "runs.json").write_text(json.dumps(runs, indent=1))
+  (out / "runs.json").write_text(json.dumps(all_runs, indent=1))
   plot(best.values(), out / "curves.png")
   return table
 
@@ -127,29 +196,53 @@ def main():
   parser.add_argument("--kron_lrs", default="1e-3,2e-3,4e-3,8e-3")
   parser.add_argument("--widths", default="1", help="width multipliers, comma separated")
   parser.add_argument("--out", default="docs/convergence")
+  parser.add_argument("--focus_modes", default="Q0.5EQ1.5",
+                      help="Kron modes (at their best lr) timed against AdamW and rerun "
+                           "with the shorter budget")
+  parser.add_argument("--budget_fraction", type=float, default=0.75,
+                      help="shorter budget, as a fraction of --steps (0: none)")
+  parser.add_argument("--time_rounds", type=int, default=20, help="0: no timing")
   parser.add_argument("--resume", action="store_true",
-                      help="reuse the runs in <out>/runs.json made with the same settings")
+                      help="keep the runs in <out>/runs.json made with the same --config and "
+                           "--steps (reported with this sweep's), and skip redoing them")
   args = parser.parse_args()
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   done = {}
   if args.resume and (out / "runs.json").exists():
     done = {run_key(r): r for r in json.loads((out / "runs.json").read_text())
-            if r.get("steps") == args.steps and r.get("config") == args.config}
-  runs = []
+            if r.get("config") == args.config}
+  requested = []
   for width in [int(w) for w in args.widths.split(",")]:
     for optimizer in args.optimizers.split(","):
       modes = args.modes.split(",") if optimizer == "kron" else ["-"]
       lrs = getattr(args, f"{optimizer}_lrs").split(",")
       for mode in modes:
         for lr in [float(x) for x in lrs]:
-          key = (optimizer, mode if optimizer == "kron" else "Q0.5EQ1.5", lr, width)
-          run = done.get(key) or run_one(args, *key)
-          runs.append(run)
-          (out / "runs.json").write_text(json.dumps(runs, indent=1))  # survives a crash
-          print(f"{label(run)}: best val {run['best']:.4f}, "
-                f"{run['step_time'] * 1e3:.0f} ms/step", flush=True)
+          requested.append((optimizer, mode if optimizer == "kron" else "Q0.5EQ1.5", lr,
+                            width, args.steps))
+  runs = [run for key, run in done.items() if key not in requested]
+
+  def get(key):
+    run = done.get(key) or run_one(args, *key)
+    runs.append(run)
+    (out / "runs.json").write_text(json.dumps(runs, indent=1))  # survives a crash
+    print(f"{label(run)}, {run['steps']} steps: best val {run['best']:.4f}, "
+          f"{run['step_time'] * 1e3:.0f} ms/step", flush=True)
+
+  for key in requested:
+    get(key)
+  if args.budget_fraction and "kron" in args.optimizers:
+    for mode in args.focus_modes.split(","):
+      best = min((r for r in runs if r["optimizer"] == "kron" and r["mode"] == mode and
+                  r["steps"] == args.steps and r["width"] == 1), key=lambda r: r["best"])
+      get(("kron", mode, best["lr"], 1, round(args.budget_fraction * args.steps)))
   print(report(runs, out, args.steps))
+  if args.time_rounds:
+    timing = time_steps(args, runs)
+    with open(out / "results.md", "a") as f:
+      f.write("\n" + timing + "\n")
+    print(timing)
   print(f"{jax.device_count()} {jax.devices()[0].platform} device(s); wrote {out}/")
 
 

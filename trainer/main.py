@@ -108,7 +108,7 @@ def train(config, workdir: str, devices=None) -> tuple[step_lib.TrainState, dict
   peak_flops = hardware.peak_flops_per_device(config.train.peak_flops_per_device)
   tokens_per_step = config.train.global_batch_size * config.data.seq_len
   preemption = checkpoint_lib.PreemptionWatch()
-  timer, step, last = StepTimer(), start_step, {}
+  timer, step, last, previous = StepTimer(), start_step, {}, None
   stop_reason, failed = None, False
   with jax.set_mesh(mesh):
     while step < total_steps:
@@ -133,7 +133,11 @@ def train(config, workdir: str, devices=None) -> tuple[step_lib.TrainState, dict
         eval_metrics = evaluate(state.params)
         writer.write(step, eval_metrics)
         last.update(eval_metrics)
-      if int(state.nonfinite_in_a_row) >= config.train.max_nonfinite_steps:
+      # Skipped steps in a row as of the previous step: reading that count waits only
+      # for it, so this step stays queued ahead of the host (the last step reads its own).
+      watched = metrics if step == total_steps else previous
+      previous = metrics
+      if watched and int(watched["train/skipped_in_a_row"]) >= config.train.max_nonfinite_steps:
         failed = True
         stop_reason = (f"{config.train.max_nonfinite_steps} steps in a row had a non-finite "
                        "loss or gradient; the checkpoint holds the last good state. Lower "

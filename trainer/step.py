@@ -82,7 +82,8 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
     metrics = {"train/loss": loss, "train/grad_norm": grad_norm,
                "train/lr": schedule(state.step),
                "train/precond_update_rate": _precond_update_rate(new_state.opt_state),
-               "train/skipped": 1 - finite.astype(jnp.int32)}
+               "train/skipped": 1 - finite.astype(jnp.int32),
+               "train/skipped_in_a_row": new_state.nonfinite_in_a_row}
     return new_state, metrics
 
   return step
