@@ -3,11 +3,14 @@
 For a fixed step budget, sweeps the learning rate (log-spaced) for AdamW and for each
 Kron mode on the same model, data order and seeds, then reports each one's best
 validation loss, the steps the best Kron run needs to reach AdamW's best final
-validation loss, and wall-clock time per step. Writes <out>/curves.png and
-<out>/results.md.
+validation loss. The best Kron run is also trained for a shorter budget (its schedule
+fitted to it) to see whether it reaches AdamW's final loss in fewer steps, and the
+train steps of AdamW and Kron (at p=1 and at the floor) are timed side by side. Writes
+<out>/curves.png, <out>/results.md and <out>/runs.json (--resume reuses its runs).
 
-    python scripts/bench_convergence.py --out docs/convergence
-    python scripts/bench_convergence.py --widths 1,2 --optimizers kron   # lr transfer
+    python scripts/bench_convergence.py                     # writes docs/convergence
+    python scripts/bench_convergence.py --widths 1,2 --optimizers kron \
+        --budget_fraction 0 --time_rounds 0 --out docs/width_transfer   # lr transfer
 
 Runs go through trainer.main.train in this process (sequentially, 2 CPU cores welcome).
 """
@@ -140,7 +143,7 @@ def report(all_runs, out: pathlib.Path, steps: int) -> str:
     groups.setdefault((run["optimizer"], run["mode"], run["width"]), []).append(run)
   best = {key: min(group, key=lambda r: r["best"]) for key, group in groups.items()}
   lines = ["| optimizer | mode | width | lrs tried | best lr | best val loss | "
-           "steps to AdamW's best | time/step (s) |", "|---|---|---|---|---|---|---|---|"]
+           "steps to AdamW's best | time/step in the run (s) |", "|---|---|---|---|---|---|---|---|"]
   adam = [r for (opt, _, _), r in best.items() if opt == "adamw"]
   adam_target = adam[0]["curve"][-1][1] if adam else None
   for (opt, mode, width), run in sorted(best.items(), key=lambda kv: str(kv[0])):
@@ -163,18 +166,25 @@ def report(all_runs, out: pathlib.Path, steps: int) -> str:
   (out / "results.md").write_text(table + "\n\nAll runs (final val loss):\n\n" + "\n".join(
       f"- {label(r)}: {r['curve'][-1][1]:.4f}" for r in runs) + "\n")
   (out / "runs.json").write_text(json.dumps(all_runs, indent=1))
-  plot(best.values(), out / "curves.png")
+  plot(list(best.values()) + short, adam_target, out / "curves.png")
   return table
 
 
-def plot(runs, path: pathlib.Path) -> None:
+def plot(runs, target, path: pathlib.Path) -> None:
+  """Validation curves; runs shorter than the first are dashed; target (AdamW's final
+  loss) as a horizontal line."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   fig, ax = plt.subplots(figsize=(7, 4.5))
   for run in runs:
     steps, losses = zip(*run["curve"])
-    ax.plot(steps, losses, marker="o", markersize=3, label=label(run))
+    short = run["steps"] < runs[0]["steps"]
+    ax.plot(steps, losses, marker="o", markersize=3, linestyle="--" if short else "-",
+            label=label(run) + (f", {run['steps']}-step budget" if short else ""))
+  if target is not None:
+    ax.axhline(target, color="gray", linewidth=0.8, linestyle=":",
+               label="AdamW's final loss")
   ax.set_xlabel("step")
   ax.set_ylabel("validation loss (nats/token)")
   ax.set_title("best learning rate of each optimizer")
@@ -221,12 +231,11 @@ def main():
         for lr in [float(x) for x in lrs]:
           requested.append((optimizer, mode if optimizer == "kron" else "Q0.5EQ1.5", lr,
                             width, args.steps))
-  runs = [run for key, run in done.items() if key not in requested]
+  runs = {key: run for key, run in done.items() if key not in requested}  # by run_key
 
   def get(key):
-    run = done.get(key) or run_one(args, *key)
-    runs.append(run)
-    (out / "runs.json").write_text(json.dumps(runs, indent=1))  # survives a crash
+    run = runs[key] = done.get(key) or run_one(args, *key)
+    (out / "runs.json").write_text(json.dumps(list(runs.values()), indent=1))  # crash-safe
     print(f"{label(run)}, {run['steps']} steps: best val {run['best']:.4f}, "
           f"{run['step_time'] * 1e3:.0f} ms/step", flush=True)
 
@@ -234,12 +243,13 @@ def main():
     get(key)
   if args.budget_fraction and "kron" in args.optimizers:
     for mode in args.focus_modes.split(","):
-      best = min((r for r in runs if r["optimizer"] == "kron" and r["mode"] == mode and
-                  r["steps"] == args.steps and r["width"] == 1), key=lambda r: r["best"])
+      best = min((r for r in runs.values() if r["optimizer"] == "kron" and
+                  r["mode"] == mode and r["steps"] == args.steps and r["width"] == 1),
+                 key=lambda r: r["best"])
       get(("kron", mode, best["lr"], 1, round(args.budget_fraction * args.steps)))
-  print(report(runs, out, args.steps))
+  print(report(list(runs.values()), out, args.steps))
   if args.time_rounds:
-    timing = time_steps(args, runs)
+    timing = time_steps(args, list(runs.values()))
     with open(out / "results.md", "a") as f:
       f.write("\n" + timing + "\n")
     print(timing)
