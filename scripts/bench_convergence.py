@@ -98,7 +98,8 @@ def time_steps(args, runs) -> str:
   so that machine noise hits all alike; Kron at p=1 (the default schedule's first
   steps) and at its floor."""
   best = lambda opt, mode: min((r for r in runs if r["optimizer"] == opt and
-                                (opt == "adamw" or r["mode"] == mode) and r["width"] == 1),
+                                (opt == "adamw" or r["mode"] == mode) and
+                                r["width"] == 1 and r["steps"] == args.steps),
                                key=lambda r: r["best"])
   timers = {"adamw": step_timer(args, "adamw", "Q0.5EQ1.5", best("adamw", None)["lr"])}
   for mode in args.focus_modes.split(","):
