@@ -58,11 +58,12 @@ def kron_state_specs(state: KronState, params, param_specs, mesh) -> KronState:
           jax.tree.leaves(params), treedef.flatten_up_to(param_specs),
           treedef.flatten_up_to(state.factors))
   ]
+  factor_specs = treedef.unflatten([f for f, _ in per_param])
   return KronState(
       count=P(), key=P(),
       mu=None if state.mu is None else param_specs,
-      factors=treedef.unflatten([f for f, _ in per_param]),
-      precond=None if state.precond is None else treedef.unflatten([f for f, _ in per_param]),
+      factors=factor_specs,
+      precond=None if state.precond is None else factor_specs,
       lipschitz=treedef.unflatten([lip for _, lip in per_param]),
       initialized=P(), num_updates=P())
 

@@ -137,9 +137,10 @@ def train(config, workdir: str, devices=None) -> tuple[step_lib.TrainState, dict
       # for it, so this step stays queued ahead of the host (the last step reads its own).
       watched = metrics if step == total_steps else previous
       previous = metrics
-      if watched and int(watched["train/skipped_in_a_row"]) >= config.train.max_nonfinite_steps:
+      limit = config.train.max_nonfinite_steps
+      if watched and int(watched["train/skipped_in_a_row"]) >= limit:
         failed = True
-        stop_reason = (f"{config.train.max_nonfinite_steps} steps in a row had a non-finite "
+        stop_reason = (f"{limit} steps in a row had a non-finite "
                        "loss or gradient; the checkpoint holds the last good state. Lower "
                        "optimizer.learning_rate or check the data.")
       elif preemption.requested():
