@@ -34,21 +34,29 @@ _TINY = jnp.finfo(jnp.float32).smallest_normal
 # ----------------------------------------------------------------- linear algebra
 
 
-def _left(f: jax.Array, x: jax.Array) -> jax.Array:
+def _matmul(a: jax.Array, b: jax.Array, operand_dtype=None) -> jax.Array:
+  """a @ b; with operand_dtype, on operands cast to it, accumulated in float32."""
+  if operand_dtype is None:
+    return a @ b
+  return jnp.matmul(a.astype(operand_dtype), b.astype(operand_dtype),
+                    preferred_element_type=jnp.float32)
+
+
+def _left(f: jax.Array, x: jax.Array, operand_dtype=None) -> jax.Array:
   """f @ x, with a diagonal f stored as a vector."""
-  return f[:, None] * x if f.ndim == 1 else f @ x
+  return f[:, None] * x if f.ndim == 1 else _matmul(f, x, operand_dtype)
 
 
-def _right(x: jax.Array, f: jax.Array) -> jax.Array:
+def _right(x: jax.Array, f: jax.Array, operand_dtype=None) -> jax.Array:
   """x @ f, with a diagonal f stored as a vector."""
-  return x * f[None, :] if f.ndim == 1 else x @ f
+  return x * f[None, :] if f.ndim == 1 else _matmul(x, f, operand_dtype)
 
 
-def _gram(x: jax.Array, dim: int, dense: bool) -> jax.Array:
+def _gram(x: jax.Array, dim: int, dense: bool, operand_dtype=None) -> jax.Array:
   """x contracted with itself over every dim but `dim` (its diagonal if not dense)."""
   if not dense:
     return jnp.sum(x * x, axis=1 - dim)
-  return x @ x.T if dim == 0 else x.T @ x
+  return _matmul(x, x.T, operand_dtype) if dim == 0 else _matmul(x.T, x, operand_dtype)
 
 
 def _subspace_norm_bound(a: jax.Array, key: jax.Array, scale: jax.Array,
@@ -82,7 +90,8 @@ def norm_lower_bound_skew(a: jax.Array, key: jax.Array, num_vectors: int = 32,
   return _subspace_norm_bound(a, key, jnp.max(jnp.abs(a)) + _TINY, num_vectors, half_iters)
 
 
-def procrustes_step(q: jax.Array, key: jax.Array, max_step: float = 0.125) -> jax.Array:
+def procrustes_step(q: jax.Array, key: jax.Array, max_step: float = 0.125,
+                    operand_dtype=None) -> jax.Array:
   """One online step of min_U ||U q - I|| over rotations U = exp(a R), R = q^T - q.
 
   exp(aR) is expanded to second order (error ~ ||aR||^4 / 4, tiny for a||R|| <= 1/8);
@@ -90,8 +99,8 @@ def procrustes_step(q: jax.Array, key: jax.Array, max_step: float = 0.125) -> ja
   """
   r = q.T - q
   r = r / (norm_lower_bound_skew(r, key) + _TINY)
-  rq = r @ q
-  rrq = r @ rq
+  rq = _matmul(r, q, operand_dtype)
+  rrq = _matmul(r, rq, operand_dtype)
   tr_rq, tr_rrq = jnp.trace(rq), jnp.trace(rrq)
   a = jnp.where(tr_rrq < 0, jnp.minimum(-tr_rq / jnp.minimum(tr_rrq, -_TINY), max_step),
                 max_step)
@@ -101,16 +110,20 @@ def procrustes_step(q: jax.Array, key: jax.Array, max_step: float = 0.125) -> ja
 # ------------------------------------------------------------------ preconditioner
 
 
-def preconditioner_factors(mode: str, factors: Factors) -> Factors:
+def preconditioner_factors(mode: str, factors: Factors, operand_dtype=None) -> Factors:
   """The factors of P: stored as is in the *4P modes, Q^T Q otherwise."""
   if mode in STORES_P:
     return factors
-  return tuple(f * f if f.ndim == 1 else f.T @ f for f in factors)
+  return tuple(f * f if f.ndim == 1 else _matmul(f.T, f, operand_dtype) for f in factors)
 
 
-def apply_preconditioner(p_factors: Factors, x: jax.Array) -> jax.Array:
-  """P x for P = P0 (x) P1 with symmetric factors: P0 @ x @ P1."""
-  return _right(_left(p_factors[0], x), p_factors[1])
+def apply_preconditioner(p_factors: Factors, x: jax.Array, operand_dtype=None) -> jax.Array:
+  """P x for P = P0 (x) P1 with symmetric factors: P0 @ x @ P1.
+
+  With operand_dtype (e.g. bfloat16) the matmuls take operands of that dtype and
+  accumulate in float32, what TPUs do at default precision, on every backend.
+  """
+  return _right(_left(p_factors[0], x, operand_dtype), p_factors[1], operand_dtype)
 
 
 def scale_factors(mode: str, factors: Factors, scale: jax.Array) -> Factors:
@@ -142,45 +155,46 @@ def _lipschitz(ell: jax.Array, old: jax.Array, beta: float) -> jax.Array:
 
 
 # ---------------------------------------------------------- per-mode factor rules
-# Each rule moves one factor given term1, term2 (a scalar times I), the step lr / L
-# and a key; `dense` factors are matrices, the others vectors.
+# Each rule moves one factor given term1, term2 (a scalar times I), the step lr / L,
+# a key and the matmul operand dtype; `dense` factors are matrices, the others vectors.
 
 
-def _rule_q0p5eq1p5(f, t1, t2, step, key):
+def _rule_q0p5eq1p5(f, t1, t2, step, key, dt):
   if f.ndim == 1:
     return f * (1 - step * (t1 - t2))
-  return procrustes_step(f - step * (t1 @ f - t2 * f), key)
+  return procrustes_step(f - step * (_matmul(t1, f, dt) - t2 * f), key, operand_dtype=dt)
 
 
-def _rule_qeq(f, t1, t2, step, key):
+def _rule_qeq(f, t1, t2, step, key, dt):
   del key
   if f.ndim == 1:
     return f * (1 - step * (t1 - t2))
-  return f - step * (f @ t1 - t2 * f)
+  return f - step * (_matmul(f, t1, dt) - t2 * f)
 
 
-def _quadratic(f, t1, t2, half_step):
+def _quadratic(f, t1, t2, half_step, dt):
   if f.ndim == 1:
     return f * (1 - half_step * (t1 - t2)) ** 2
-  p = f - half_step * (t1 @ f - t2 * f)
-  p = p - half_step * (p @ t1 - t2 * p)
+  p = f - half_step * (_matmul(t1, f, dt) - t2 * f)
+  p = p - half_step * (_matmul(p, t1, dt) - t2 * p)
   return (p + p.T) / 2
 
 
-def _rule_quad(f, t1, t2, step, key):
+def _rule_quad(f, t1, t2, step, key, dt):
   del key
-  return _quadratic(f, t1, t2, step / 2)
+  return _quadratic(f, t1, t2, step / 2, dt)
 
 
-def _rule_quad4p(f, t1, t2, step, key):
+def _rule_quad4p(f, t1, t2, step, key, dt):
   del key
-  return _quadratic(f, t1, t2, step)
+  return _quadratic(f, t1, t2, step, dt)
 
 
-def _rule_pro4p(f, t1, t2, step, key):
+def _rule_pro4p(f, t1, t2, step, key, dt):
   if f.ndim == 1:
     return f * (1 - step * (t1 - t2)) ** 2
-  return procrustes_step(f - 2 * step * (t1 @ f - t2 * f), key)
+  return procrustes_step(f - 2 * step * (_matmul(t1, f, dt) - t2 * f), key,
+                         operand_dtype=dt)
 
 
 _RULES: dict[str, Callable] = {
@@ -194,41 +208,45 @@ _RULES: dict[str, Callable] = {
 
 def fit(mode: str, factors: Factors, lipschitz: jax.Array, h: jax.Array, key: jax.Array, *,
         lr: float, beta: float, damping: float, grad_eps: float,
-        p_factors: Factors | None = None) -> tuple[Factors, jax.Array]:
+        p_factors: Factors | None = None, operand_dtype=None) -> tuple[Factors, jax.Array]:
   """One fitting step of the factors (and their Lipschitz memory, shape (2,)) on h.
 
   h (the gradient or momentum, float32) is damped with noise of size
   damping + grad_eps * |h|, which bounds P above by about I / damping and keeps the
   fit well posed when h is zero or low rank. `p_factors`, if given, are the factors'
-  `preconditioner_factors` (cached by the caller), saving their recomputation.
+  `preconditioner_factors` (cached by the caller), saving their recomputation. With
+  `operand_dtype` (e.g. bfloat16) the matmuls take operands of that dtype (float32
+  accumulation); the spectral-norm bounds and EQ's triangular solves stay float32.
   """
   if mode == "EQ":
     return _fit_eq(factors, lipschitz, h, key, lr=lr, beta=beta, damping=damping,
-                   grad_eps=grad_eps)
+                   grad_eps=grad_eps, operand_dtype=operand_dtype)
   k_noise, k_norm, k_rule = jax.random.split(key, 3)
   h = h + (damping + grad_eps * jnp.abs(h)) * _rank_one_noise(k_noise, h.shape)
   if p_factors is None:
-    p_factors = preconditioner_factors(mode, factors)
-  pg = apply_preconditioner(p_factors, h)
+    p_factors = preconditioner_factors(mode, factors, operand_dtype)
+  pg = apply_preconditioner(p_factors, h, operand_dtype)
   new_factors, new_lipschitz = [], []
   for k, f in enumerate(factors):
     dense = f.ndim == 2
-    t1 = _gram(pg, k, dense)
+    t1 = _gram(pg, k, dense, operand_dtype)
     t2 = pg.size / pg.shape[k]
     bound = norm_lower_bound_spd(t1, jax.random.fold_in(k_norm, k)) if dense else jnp.max(t1)
     lip = _lipschitz(bound + t2, lipschitz[k], beta)
-    new_factors.append(_RULES[mode](f, t1, t2, lr / lip, jax.random.fold_in(k_rule, k)))
+    new_factors.append(_RULES[mode](f, t1, t2, lr / lip, jax.random.fold_in(k_rule, k),
+                                    operand_dtype))
     new_lipschitz.append(lip)
   return tuple(new_factors), jnp.stack(new_lipschitz)
 
 
-def _fit_eq(factors, lipschitz, h, key, *, lr, beta, damping, grad_eps):
+def _fit_eq(factors, lipschitz, h, key, *, lr, beta, damping, grad_eps, operand_dtype):
   """dQ = E Q with triangular Q: fits Q h h^T Q^T against Q^-T v v^T Q^-1 for probe v."""
   k_probe, k_norm = jax.random.split(key)
   v = jax.random.normal(k_probe, h.shape)
   h = h + (damping + grad_eps * jnp.abs(h)) * v
   q0, q1 = factors
-  a = _right(_left(q0, h), q1.T if q1.ndim == 2 else q1)  # Q0 h Q1^T
+  a = _right(_left(q0, h, operand_dtype), q1.T if q1.ndim == 2 else q1,
+             operand_dtype)  # Q0 h Q1^T
   b = (v / q0[:, None] if q0.ndim == 1 else
        jax.scipy.linalg.solve_triangular(q0, v, trans=1, lower=False))  # Q0^-T v
   b = (b / q1[None, :] if q1.ndim == 1 else
@@ -236,12 +254,12 @@ def _fit_eq(factors, lipschitz, h, key, *, lr, beta, damping, grad_eps):
   new_factors, new_lipschitz = [], []
   for k, f in enumerate(factors):
     dense = f.ndim == 2
-    t1, t2 = _gram(a, k, dense), _gram(b, k, dense)
+    t1, t2 = _gram(a, k, dense, operand_dtype), _gram(b, k, dense, operand_dtype)
     bound = (norm_lower_bound_spd(t1 + t2, jax.random.fold_in(k_norm, k)) if dense else
              jnp.max(t1 + t2))
     lip = _lipschitz(bound, lipschitz[k], beta)
     step = lr / lip
     new_factors.append(f - step * (t1 - t2) * f if not dense else
-                       f - step * jnp.triu(t1 - t2) @ f)
+                       f - step * _matmul(jnp.triu(t1 - t2), f, operand_dtype))
     new_lipschitz.append(lip)
   return tuple(new_factors), jnp.stack(new_lipschitz)

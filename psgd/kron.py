@@ -212,9 +212,12 @@ def scale_by_kron(
     damping: noise level added before fitting; bounds P by about I / damping.
     max_update_rms: per-matrix clip of the preconditioned update's RMS.
     mu_dtype, precond_dtype: storage dtypes of momentum (default: the gradient's) and
-      factors (default float32). Arithmetic is float32.
+      factors (default float32). Arithmetic is float32, but see the precisions.
     precond_update_precision, precond_grads_precision: matmul precision for fitting
-      and for applying the preconditioner.
+      and for applying (and forming) the preconditioner. 'bfloat16' casts those
+      matmuls' operands to bfloat16, accumulating in float32, on every backend, as TPUs
+      do at default precision: about 2x faster on GPUs and on CPUs with AMX, for a
+      rounding far below gradient noise (the fit's accuracy is tested with it).
     scanned_layers: bool pytree (or callable of params) marking params whose leading
       axis stacks layers; each layer gets its own factors and random keys.
     lax_map_scanned_layers, lax_map_batch_size: map scanned layers with lax.map in
@@ -229,17 +232,22 @@ def scale_by_kron(
                        max_skew_triangular=max_skew_triangular,
                        min_ndim_triangular=min_ndim_triangular,
                        memory_save_mode=memory_save_mode, block_size=block_size)
+  # 'bfloat16' is what TPUs do at default precision; XLA on CPU and GPU would multiply
+  # float32 operands in float32 (or TF32) regardless, so the operands are cast here.
+  fit_dtype, apply_dtype = (jnp.bfloat16 if precision == "bfloat16" else None
+                            for precision in (precond_update_precision,
+                                              precond_grads_precision))
   fit = functools.partial(fitting.fit, mode, lr=preconditioner_lr, beta=beta_lipschitz,
-                          damping=damping)
+                          damping=damping, operand_dtype=fit_dtype)
   output_scale = adam_style_scale(b1, whiten_grad) if lr_style == "adam" else 1.0
 
   def layouts_of(tree):
     return jax.tree.leaves(plan_layouts(tree, scanned_layers, **layout_kwargs),
                            is_leaf=lambda x: isinstance(x, layout_lib.Layout))
 
-  def p_factors_of(fs):
+  def p_factors_of(fs, operand_dtype=None):
     """P's factors of one parameter's batch of matrices."""
-    return jax.vmap(lambda *f: fitting.preconditioner_factors(mode, f))(*fs)
+    return jax.vmap(lambda *f: fitting.preconditioner_factors(mode, f, operand_dtype))(*fs)
 
   def stored(factors):
     """Factors in their storage dtype. They keep it between refits, so a step that
@@ -339,9 +347,11 @@ def scale_by_kron(
               fs, lip, h, key, grad_eps=float(jnp.finfo(g.dtype).eps), p_factors=pfs)
           fs, lip = map_matrices(lay, fit_one, _f32(fs), lip, layout_lib.to_matrices(h, lay),
                                  keys, None if precond is None else _f32(precond[i]))
-          balanced = jax.vmap(fitting.balance)(fs)
-          new_factors.append(tuple(jnp.where(do_balance, b, f) for b, f in zip(balanced, fs)))
+          new_factors.append(fs)
           new_lipschitz.append(lip)
+      new_factors = jax.lax.cond(
+          do_balance, lambda fl: [jax.vmap(fitting.balance)(fs) for fs in fl],
+          lambda fl: fl, new_factors)
       return [stored(fs) for fs in new_factors], new_lipschitz, derive(new_factors)
 
     factors, lipschitz, precond = jax.lax.cond(do_update, refit, lambda c: c,
@@ -349,14 +359,16 @@ def scale_by_kron(
 
     # Precondition, clip per matrix, scale.
     def precondition_one(p_factors, x):
-      y = fitting.apply_preconditioner(p_factors, x)
+      y = fitting.apply_preconditioner(p_factors, x, apply_dtype)
       rms = jnp.sqrt(jnp.mean(y * y))
       return y * (max_update_rms / jnp.maximum(rms, max_update_rms))
 
+    operands = (lambda fs: fs) if apply_dtype else _f32  # _matmul casts for apply_dtype
     out = []
     with jax.default_matmul_precision(precond_grads_precision):
       for i, (lay, fs, m, g) in enumerate(zip(layouts, factors, mu, leaves)):
-        p_factors = _f32(precond[i]) if cache else p_factors_of(_f32(fs))
+        p_factors = (operands(precond[i]) if cache else
+                     p_factors_of(operands(fs), apply_dtype))
         y = map_matrices(lay, precondition_one, p_factors, layout_lib.to_matrices(m, lay))
         out.append((layout_lib.from_matrices(y, lay) * output_scale).astype(g.dtype))
 

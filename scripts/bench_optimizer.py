@@ -1,6 +1,8 @@
 """Benchmark psgd.kron against optax.adamw (and psgdax, if installed) on GPT-shaped params.
 
-Prints, side by side from one run (timed in interleaved rounds):
+Prints, side by side from one run (timed in interleaved rounds), for psgd.kron with its
+defaults and with bf16 factors and bf16 matmul operands (applying only, then fitting
+too, then with cached P):
   * median jitted update time, absolute and as a ratio to AdamW, at preconditioner update
     probability 1.0 and at the annealed floor (0.03);
   * compile time; optimizer-state bytes per parameter.
@@ -52,8 +54,11 @@ def optimizers(mask):
   common = dict(learning_rate=3e-4, b1=0.9, weight_decay=0.1, scanned_layers=mask,
                 mu_dtype=jnp.bfloat16)
   opts = {"adamw": optax.adamw(3e-4, weight_decay=0.1)}
-  variants = {"kron": {}, "kron bf16": dict(precond_dtype=jnp.bfloat16),
-              "kron bf16 cached": dict(precond_dtype=jnp.bfloat16, cache_preconditioner=True)}
+  # bf16 factors; the precisions make the matmuls take bf16 operands (f32 accumulation).
+  apply = dict(precond_dtype=jnp.bfloat16, precond_grads_precision="bfloat16")
+  both = dict(apply, precond_update_precision="bfloat16")
+  variants = {"kron": {}, "kron bf16 apply": apply, "kron bf16": both,
+              "kron bf16 cached": dict(both, cache_preconditioner=True)}
   for label, prob in (("p=1", 1.0), ("floor", FLOOR)):
     for name, extra in variants.items():
       opts[f"{name} {label}"] = psgd.kron(preconditioner_update_probability=prob, **extra,

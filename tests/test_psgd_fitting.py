@@ -42,17 +42,21 @@ def fit_on_gaussian_gradients(mode: str, cov_rows: np.ndarray, cov_cols: np.ndar
 
 
 @pytest.mark.parametrize("mode", psgd.MODES)
-@pytest.mark.parametrize("dense", [True, False], ids=["dense", "diag"])
-def test_whitening_fit_recovers_inverse_sqrt_covariance(mode, dense):
+@pytest.mark.parametrize("dense, precision", [(True, "tensorfloat32"), (True, "bfloat16"),
+                                              (False, "tensorfloat32")],
+                         ids=["dense", "dense_bf16_matmuls", "diag"])
+def test_whitening_fit_recovers_inverse_sqrt_covariance(mode, dense, precision):
   # P = P0 (x) P1 should approach C^(-1/2) = A^(-1/2) (x) B^(-1/2): within 15%
   # (relative Frobenius error); the floor is the noise of a stochastic fit at lr 0.05.
+  # bfloat16 matmul operands (float32 accumulation) must not raise that floor.
   if dense:
     cov_rows, cov_cols = random_spd(0, 6, 10.0), random_spd(1, 5, 10.0)
     settings = dict(max_skew_triangular=float("inf"))
   else:
     cov_rows, cov_cols = np.diag(np.logspace(0, -1, 6)), np.diag(np.logspace(0, -1, 5))
     settings = dict(memory_save_mode="all_diag")
-  state = fit_on_gaussian_gradients(mode, cov_rows, cov_cols, steps=3000, **settings)
+  state = fit_on_gaussian_gradients(mode, cov_rows, cov_cols, steps=3000,
+                                    precond_update_precision=precision, **settings)
   factors = tuple(f[0] for f in state.factors)
   assert [f.ndim == 2 for f in factors] == [dense, dense]
   p0, p1 = (as_matrix(f) for f in fitting.preconditioner_factors(mode, factors))

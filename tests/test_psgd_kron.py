@@ -3,6 +3,7 @@
 import math
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -112,6 +113,47 @@ def test_cached_preconditioner_matches_recomputing_it(mode):
     np.testing.assert_allclose(p, expected, rtol=1e-5, atol=1e-6)
 
 
+def bf16_dots(fn, *args) -> int:
+  """Number of matmuls with bfloat16 operands in fn's jaxpr (nested jaxprs included)."""
+  def count(jaxpr):
+    n = 0
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "dot_general":
+        n += all(v.aval.dtype == jnp.bfloat16 for v in eqn.invars)
+      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+        n += count(sub)
+    return n
+  return count(jax.make_jaxpr(fn)(*args).jaxpr)
+
+
+@pytest.mark.parametrize("cache", [False, True], ids=["recomputed_p", "cached_p"])
+def test_bf16_precision_multiplies_in_bf16_and_only_rounds(cache):
+  # precond_grads_precision='bfloat16' casts the operands itself (XLA on CPU would not),
+  # and the update differs from the float32 one by bfloat16 rounding only. (The fit's
+  # accuracy with bfloat16 operands: test_psgd_fitting.py.)
+  params = {"w": jax.random.normal(jax.random.key(1), (3, 16, 12)),
+            "v": jax.random.normal(jax.random.key(2), (16, 16))}
+  grad_fn = lambda p: jax.tree.map(lambda x: jnp.sin(3 * x) + x**2, p)
+  kwargs = dict(preconditioner_update_probability=0.0, cache_preconditioner=cache,
+                scanned_layers={"w": True, "v": False})
+  warm = psgd.scale_by_kron(preconditioner_update_probability=1.0,
+                            cache_preconditioner=cache, scanned_layers=kwargs["scanned_layers"])
+  _, state = run_steps(warm, params, grad_fn, 10)  # fitted factors, not the identity
+  grads = grad_fn(params)
+  plain = psgd.scale_by_kron(**kwargs)
+  fast = psgd.scale_by_kron(precond_grads_precision="bfloat16", **kwargs)
+  assert bf16_dots(plain.update, grads, state) == 0
+  # x P1 for "w" (its 16 rows are diagonal), P0 x and x P1 for "v"; Q^T Q if not cached.
+  assert bf16_dots(fast.update, grads, state) == (3 if cache else 6)
+  for a, b in zip(jax.tree.leaves(plain.update(grads, state)[0]),
+                  jax.tree.leaves(fast.update(grads, state)[0])):
+    err = float(jnp.linalg.norm(a - b) / jnp.linalg.norm(a))
+    assert 0 < err < 1e-2
+  # precond_update_precision does the same for the refit's matmuls.
+  fast_fit = psgd.scale_by_kron(precond_update_precision="bfloat16", **kwargs)
+  assert bf16_dots(fast_fit.update, grads, state) > 0
+
+
 def test_cache_is_a_no_op_for_modes_storing_p():
   state = psgd.kron(0.1, preconditioner_mode="QUAD4P", cache_preconditioner=True).init(
       {"w": jnp.ones((4, 4))})
@@ -128,6 +170,7 @@ def test_bf16_state_stays_finite_on_ill_conditioned_problem():
     return {"w": p["w"] * scales, "b": p["b"] * 1e-3}
 
   tx = psgd.kron(1e-2, mu_dtype=jnp.bfloat16, precond_dtype=jnp.bfloat16,
+                 precond_update_precision="bfloat16", precond_grads_precision="bfloat16",
                  preconditioner_update_probability=1.0)
   params = {"w": jnp.ones((16, 32)), "b": jnp.ones((32,))}
   params, state = run_steps(tx, params, grad_fn, 3000)
@@ -164,14 +207,16 @@ def random_spd(seed, n, cond):
 
 def test_kron_beats_tuned_adam_on_ill_conditioned_quadratic():
   # f(W) = 1/2 <W - W*, A (W - W*) B>, cond(A (x) B) = 1e6; best of a learning-rate sweep
-  # for each optimizer, same step budget.
+  # for each optimizer, same step budget; Kron also with every matmul in bfloat16.
   a, b = random_spd(0, 16, 1e3), random_spd(1, 12, 1e3)
   target = jax.random.normal(jax.random.key(1), (16, 12))
   loss = lambda w: 0.5 * jnp.sum((w - target) * (a @ (w - target) @ b))
   final = lambda tx: float(loss(run_steps(tx, jnp.zeros((16, 12)), jax.grad(loss), 300)[0]))
   adam = min(final(optax.adam(lr)) for lr in (0.1, 0.3, 1.0, 3.0))
-  kron = min(final(psgd.kron(lr)) for lr in (0.03, 0.1))
-  assert kron * 10 <= adam, (kron, adam)
+  for precision in ("tensorfloat32", "bfloat16"):
+    kron = min(final(psgd.kron(lr, precond_update_precision=precision,
+                               precond_grads_precision=precision)) for lr in (0.03, 0.1))
+    assert kron * 10 <= adam, (precision, kron, adam)
 
 
 def test_small_mlp_trains():
