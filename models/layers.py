@@ -5,9 +5,25 @@ when they are created under a mesh with logical axis rules); each layer casts th
 compute dtype where it uses them.
 """
 
+import flax.core.spmd
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec
+
+
+def constrain(x: jax.Array, axes: tuple) -> jax.Array:
+  """x pinned to the sharding its logical axis names get under the current mesh and
+  `nnx.logical_axis_rules` (a name without a rule is not split), or x as is when there
+  is no mesh or no rules.
+
+  Pinning the residual stream to be split over the batch keeps the compiler from
+  following the weights' FSDP split into activations that are whole on every device.
+  """
+  rules = dict(flax.core.spmd.get_logical_axis_rules() or ())
+  if not rules or jax.sharding.get_abstract_mesh().empty:
+    return x
+  return jax.lax.with_sharding_constraint(x, PartitionSpec(*(rules.get(a) for a in axes)))
 
 
 def normal_param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...],
@@ -44,7 +60,10 @@ class Embedding(nnx.Module):
     self.dtype = dtype
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
-    return jnp.take(self.table[...], tokens, axis=0).astype(self.dtype)
+    # The lookup reads the table whole along `embed` (gathered over its FSDP split), so
+    # its output can be split by batch without a round trip through a full replica.
+    table = constrain(self.table[...], ("vocab", None))
+    return jnp.take(table, tokens, axis=0).astype(self.dtype)
 
   def attend(self, x: jax.Array) -> jax.Array:
     """float32 logits of x against every token's embedding."""

@@ -13,7 +13,8 @@ import ml_collections
 from flax import nnx
 
 from models import registry
-from models.layers import CausalSelfAttention, Embedding, OutputHead, RMSNorm, SwiGLU
+from models.layers import (CausalSelfAttention, Embedding, OutputHead, RMSNorm, SwiGLU,
+                           constrain)
 from models.stack import LAYER_AXIS, REMAT_CHOICES, LayerStack
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -25,6 +26,9 @@ LOGICAL_AXIS_RULES = (
     (LAYER_AXIS, None), ("vocab", "tensor"), ("embed", "fsdp"), ("heads", "tensor"),
     ("kv_heads", "tensor"), ("kv", None), ("mlp", "tensor"), ("norm", None),
 )
+
+# The residual stream [batch, length, d_model]: split over the batch only.
+ACTIVATION_AXES = ("batch", None, None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,6 +138,7 @@ class Block(nnx.Module):
     self.mlp = SwiGLU(config.d_model, config.mlp_dim, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
+    x = constrain(x, ACTIVATION_AXES)
     x = x + self.attn(self.attn_norm(x))
     return x + self.mlp(self.mlp_norm(x))
 

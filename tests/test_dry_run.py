@@ -9,6 +9,7 @@ import sys
 import jax
 import pytest
 
+import models
 from trainer import dry_run
 from trainer import setup as setup_lib
 from trainer_utils import REPO, tiny_config
@@ -50,6 +51,17 @@ def test_reported_bytes_per_device_are_those_of_the_sharded_state():
   assert report.step_bytes > report.params_bytes + report.opt_state_bytes
   assert report.fits is None  # CPUs have no memory figure
   assert any(line.startswith("  optimizer state") for line in report.lines())
+
+
+def test_activations_split_by_batch_cut_the_step_memory_on_an_fsdp_mesh(monkeypatch):
+  # Each block pins the residual stream to the batch split. Without that, XLA follows the
+  # weights' FSDP split and keeps whole activations on every device.
+  config = tiny_config()
+  config.mesh.shape = (1, 8, 1)
+  pinned = dry_run.check(config).memory.temp_size_in_bytes
+  monkeypatch.setattr(models.transformer, "constrain", lambda x, axes: x)
+  loose = dry_run.check(config).memory.temp_size_in_bytes
+  assert 2 * pinned < loose, (pinned, loose)
 
 
 @needs_libtpu

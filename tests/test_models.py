@@ -260,6 +260,20 @@ def test_sharded_init_places_params_by_their_specs_and_matches_one_device(
   np.testing.assert_allclose(logits, scanned_logits, rtol=1e-5, atol=1e-5)
 
 
+def test_constrain_splits_activations_by_the_logical_rules_and_only_under_a_mesh():
+  x = jnp.ones((8, 4, 2))
+  axes = ("batch", None, "no_rule")  # a name without a rule is not split
+  assert models.layers.constrain(x, axes) is x  # no mesh
+  mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  with jax.set_mesh(mesh):
+    assert models.layers.constrain(x, axes) is x  # no rules
+    with nnx.logical_axis_rules((("batch", ("data", "fsdp")),)):
+      y = jax.jit(lambda x: models.layers.constrain(x, axes) * 2)(x)
+  assert y.sharding.is_equivalent_to(NamedSharding(mesh, P(("data", "fsdp"))), 3)
+  np.testing.assert_array_equal(y, 2 * x)
+
+
 def test_param_count_and_flops_per_token_by_hand(scanned):
   head_dim = D // HEADS
   per_layer = (D * D  # wq

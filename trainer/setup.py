@@ -142,12 +142,12 @@ def build_setup(config, devices=None, check_vocab: bool = True) -> Setup:
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
         jax.eval_shape(init_state), state_shardings)
   batch_sharding = NamedSharding(mesh, P(mesh_lib.batch_axes(rules) or None))
-  loss_fn = step_lib.make_loss_fn(graphdef, rest)
+  loss_fn = step_lib.make_loss_fn(graphdef, rest, rules)
   train_step = jax.jit(
       step_lib.make_train_step(loss_fn, tx, schedule, config.train.microbatches),
       in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, None),
       donate_argnums=(0,))
-  eval_step = jax.jit(step_lib.make_eval_step(graphdef, rest),
+  eval_step = jax.jit(step_lib.make_eval_step(graphdef, rest, rules),
                       in_shardings=(state_shardings.params, batch_sharding))
   return Setup(mesh=mesh, rules=rules, graphdef=graphdef, rest=rest, tx=tx,
                schedule=schedule, num_params=models.param_count(abstract_params),

@@ -24,11 +24,15 @@ class TrainState(NamedTuple):
   nonfinite_in_a_row: jax.Array  # int32: skipped steps since the last good one
 
 
-def make_loss_fn(graphdef, rest) -> Callable:
-  """loss(params, batch): mean next-token cross entropy over the batch's masked tokens."""
+def make_loss_fn(graphdef, rest, rules=()) -> Callable:
+  """loss(params, batch): mean next-token cross entropy over the batch's masked tokens.
+
+  The model runs under the logical axis rules, which place its activations."""
   def loss_fn(params, batch):
     model = nnx.merge(graphdef, params, rest)
-    return models.cross_entropy(model(batch["inputs"]), batch["targets"], batch.get("mask"))
+    with nnx.logical_axis_rules(rules):
+      logits = model(batch["inputs"])
+    return models.cross_entropy(logits, batch["targets"], batch.get("mask"))
   return loss_fn
 
 
@@ -89,13 +93,15 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
   return step
 
 
-def make_eval_step(graphdef, rest) -> Callable:
+def make_eval_step(graphdef, rest, rules=()) -> Callable:
   """eval(params, batch) -> (summed token loss, token count), so padded eval batches
   (mask False) average correctly across batches."""
   def eval_step(params, batch):
     model = nnx.merge(graphdef, params, rest)
     mask = batch["mask"].astype(jnp.float32)
-    loss = models.cross_entropy(model(batch["inputs"]), batch["targets"], mask)
+    with nnx.logical_axis_rules(rules):
+      logits = model(batch["inputs"])
+    loss = models.cross_entropy(logits, batch["targets"], mask)
     count = jnp.sum(mask)
     return loss * count, count
   return eval_step
