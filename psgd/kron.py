@@ -216,7 +216,7 @@ def scale_by_kron(
     precond_update_precision, precond_grads_precision: matmul precision for fitting
       and for applying (and forming) the preconditioner. 'bfloat16' casts those
       matmuls' operands to bfloat16, accumulating in float32, on every backend, as TPUs
-      do at default precision: about 2x faster on GPUs and on CPUs with AMX, for a
+      do at default precision: about 2x faster on CPUs with AMX (and GPUs), for a
       rounding far below gradient noise (the fit's accuracy is tested with it).
     scanned_layers: bool pytree (or callable of params) marking params whose leading
       axis stacks layers; each layer gets its own factors and random keys.

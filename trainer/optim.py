@@ -107,7 +107,7 @@ def default_config() -> ml_collections.ConfigDict:
           mu_dtype=ml_collections.config_dict.placeholder(str),
           precond_dtype=ml_collections.config_dict.placeholder(str),
           # Matmuls with bfloat16 operands and float32 accumulation on every backend, as
-          # TPUs do at default precision: about 2x faster on GPUs and AMX CPUs, and the
+          # TPUs do at default precision: about 2x faster on AMX CPUs (and GPUs), and the
           # fit loses nothing measurable (tests/test_psgd_fitting.py, docs/convergence).
           precond_update_precision="bfloat16",
           precond_grads_precision="bfloat16",
