@@ -24,14 +24,17 @@ class TrainState(NamedTuple):
   nonfinite_in_a_row: jax.Array  # int32: skipped steps since the last good one
 
 
-def make_loss_fn(graphdef, rest, rules=()) -> Callable:
-  """loss(params, batch): mean next-token cross entropy over the batch's masked tokens.
+def _logits(graphdef, rest, rules, params, inputs) -> jax.Array:
+  """The model's logits, run under the logical axis rules that place its activations."""
+  model = nnx.merge(graphdef, params, rest)
+  with nnx.logical_axis_rules(rules):
+    return model(inputs)
 
-  The model runs under the logical axis rules, which place its activations."""
+
+def make_loss_fn(graphdef, rest, rules=()) -> Callable:
+  """loss(params, batch): mean next-token cross entropy over the batch's masked tokens."""
   def loss_fn(params, batch):
-    model = nnx.merge(graphdef, params, rest)
-    with nnx.logical_axis_rules(rules):
-      logits = model(batch["inputs"])
+    logits = _logits(graphdef, rest, rules, params, batch["inputs"])
     return models.cross_entropy(logits, batch["targets"], batch.get("mask"))
   return loss_fn
 
@@ -97,10 +100,8 @@ def make_eval_step(graphdef, rest, rules=()) -> Callable:
   """eval(params, batch) -> (summed token loss, token count), so padded eval batches
   (mask False) average correctly across batches."""
   def eval_step(params, batch):
-    model = nnx.merge(graphdef, params, rest)
     mask = batch["mask"].astype(jnp.float32)
-    with nnx.logical_axis_rules(rules):
-      logits = model(batch["inputs"])
+    logits = _logits(graphdef, rest, rules, params, batch["inputs"])
     loss = models.cross_entropy(logits, batch["targets"], mask)
     count = jnp.sum(mask)
     return loss * count, count
