@@ -24,6 +24,7 @@ from trainer import data as data_lib
 from trainer import distributed, dry_run, hardware
 from trainer import setup as setup_lib
 from trainer import step as step_lib
+from trainer import validate
 from trainer.metrics import MetricsWriter, StepTimer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config file.",
@@ -52,6 +53,7 @@ def train(config, workdir: str, devices=None) -> tuple[step_lib.TrainState, dict
   distributed.initialize(config.distributed)
   is_main = jax.process_index() == 0
   workdir = os.path.expanduser(workdir)
+  validate.check_run(config, workdir)  # config, workdir and data splits, before any build
   logging.info("Process %d/%d, %d devices (%s)", jax.process_index(), jax.process_count(),
                jax.device_count(), jax.devices()[0].device_kind)
 
@@ -167,7 +169,10 @@ def train(config, workdir: str, devices=None) -> tuple[step_lib.TrainState, dict
 
 
 def main(argv):
-  del argv
+  if len(argv) > 1:  # absl hands over the words that are not flags
+    raise app.UsageError(
+        f"Unexpected arguments {argv[1:]}: every setting is a flag, e.g. "
+        f"--config.{argv[1].lstrip('-')} for {argv[1]!r}.")
   if _DRY_RUN.value:
     return dry_run.main(_CONFIG.value, _TOPOLOGY.value)
   if _WORKDIR.value is None:

@@ -29,7 +29,7 @@ def check_config(cfg: ml_collections.ConfigDict) -> None:
                      f"{', '.join(OPTIMIZERS)}.")
   if cfg.decay not in SCHEDULES:
     raise ValueError(f"optimizer.decay={cfg.decay!r} must be one of {', '.join(SCHEDULES)}.")
-  if cfg.learning_rate <= 0:
+  if not cfg.learning_rate > 0:  # NaN too
     raise ValueError(f"optimizer.learning_rate={cfg.learning_rate} must be positive.")
   if cfg.warmup_steps < 0:
     raise ValueError(f"optimizer.warmup_steps={cfg.warmup_steps} must be >= 0.")

@@ -21,6 +21,7 @@ from trainer import data as data_lib
 from trainer import mesh as mesh_lib
 from trainer import optim
 from trainer import step as step_lib
+from trainer import validate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,7 +98,7 @@ def build_setup(config, devices=None, check_vocab: bool = True) -> Setup:
 
   check_vocab=False skips building the tokenizer, for checks on machines without it.
   """
-  optim.check_config(config.optimizer)
+  validate.check_config(config)
 
   # Mesh.
   mesh = mesh_lib.make_mesh(config.mesh.axes, config.mesh.shape, devices)
