@@ -48,12 +48,32 @@ def _precond_update_rate(opt_state) -> jax.Array:
   return states[0].num_updates / jnp.maximum(states[0].count, 1)
 
 
+def _is_schedule_state(x) -> bool:
+  return isinstance(x, optax.ScaleByScheduleState)
+
+
+def applied_updates(opt_state) -> jax.Array:
+  """How many updates the optimizer has applied: the count its learning-rate schedule
+  reads. It stands still on skipped steps, and carries over with the optimizer state
+  when fine-tuning, so it can differ from the train step."""
+  counts = [s.count for s in jax.tree.leaves(opt_state, is_leaf=_is_schedule_state)
+            if _is_schedule_state(s)]
+  if not counts:
+    raise ValueError("The optimizer state holds no learning-rate schedule count "
+                     "(optax.ScaleByScheduleState): build the optimizer with a schedule.")
+  return counts[0]
+
+
+def _all_finite(tree) -> jax.Array:
+  return jnp.all(jnp.array([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]))
+
+
 def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, microbatches: int) -> Callable:
   """step(state, batch) -> (state, metrics); gradients averaged over microbatches.
 
-  A step whose loss or gradients are not finite changes nothing but the counter of
-  such steps in a row; the loop decides when to give up.
+  A step whose loss, gradients or updated params are not finite changes nothing but
+  the counter of such steps in a row; the loop decides when to give up.
   """
   grad_fn = jax.value_and_grad(loss_fn)
 
@@ -73,23 +93,27 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
   def step(state: TrainState, batch):
     loss, grads = accumulated_grads(state.params, batch)
     grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-
-    def apply(state):
-      updates, opt_state = tx.update(grads, state.opt_state, state.params)
-      return state._replace(step=state.step + 1,
-                            params=optax.apply_updates(state.params, updates),
-                            opt_state=opt_state, nonfinite_in_a_row=jnp.int32(0))
 
     def skip(state):
       return state._replace(step=state.step + 1,
                             nonfinite_in_a_row=state.nonfinite_in_a_row + 1)
 
-    new_state = jax.lax.cond(finite, apply, skip, state)
+    def apply(state):
+      updates, opt_state = tx.update(grads, state.opt_state, state.params)
+      params = optax.apply_updates(state.params, updates)
+      applied = state._replace(step=state.step + 1, params=params, opt_state=opt_state,
+                               nonfinite_in_a_row=jnp.int32(0))
+      # Finite gradients can still overflow into the params (a huge learning rate, a
+      # degenerate preconditioner): such a step is skipped as well.
+      return jax.lax.cond(_all_finite(params), lambda: applied, lambda: skip(state))
+
+    new_state = jax.lax.cond(jnp.isfinite(loss) & jnp.isfinite(grad_norm), apply, skip,
+                             state)
     metrics = {"train/loss": loss, "train/grad_norm": grad_norm,
-               "train/lr": schedule(state.step),
+               # What this step applied (or would have): skipped steps do not advance it.
+               "train/lr": schedule(applied_updates(state.opt_state)),
                "train/precond_update_rate": _precond_update_rate(new_state.opt_state),
-               "train/skipped": 1 - finite.astype(jnp.int32),
+               "train/skipped": (new_state.nonfinite_in_a_row > 0).astype(jnp.int32),
                "train/skipped_in_a_row": new_state.nonfinite_in_a_row}
     return new_state, metrics
 

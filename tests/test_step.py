@@ -1,0 +1,64 @@
+"""The train step on a toy loss: skipped steps, and the learning rate it reports."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from trainer import optim
+from trainer import step as step_lib
+
+
+def linear_loss(params, batch):
+  """sum(w * g) * scale: the gradient is g * scale, and scale=NaN makes the loss NaN."""
+  return jnp.sum(params["w"] * batch["g"]) * batch["scale"]
+
+
+def fresh_state(tx, params):
+  return step_lib.TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params),
+                             rng=jax.random.PRNGKey(0), nonfinite_in_a_row=jnp.int32(0))
+
+
+def batch(g, scale=1.0):
+  return {"g": jnp.asarray(g, jnp.float32), "scale": jnp.float32(scale)}
+
+
+@pytest.mark.parametrize("name", ["kron", "adamw"])
+def test_lr_is_the_one_applied_when_steps_are_skipped(name):
+  cfg = optim.default_config()
+  cfg.update(dict(name=name, warmup_steps=3))  # the lr changes at every count
+  tx, schedule = optim.make_optimizer(cfg, total_steps=10)
+  step = jax.jit(step_lib.make_train_step(linear_loss, tx, schedule, microbatches=1))
+  state = fresh_state(tx, {"w": jnp.ones((4, 4))})
+  g = np.linspace(-1, 1, 16).reshape(4, 4)
+  skip_pattern = [False, True, False, True, True, False, False]
+  applied = 0
+  for i, skipped in enumerate(skip_pattern):
+    state, metrics = step(state, batch(g, np.nan if skipped else 1.0))
+    assert int(metrics["train/skipped"]) == skipped
+    np.testing.assert_allclose(float(metrics["train/lr"]), float(schedule(applied)),
+                               rtol=1e-6)
+    if i > 1:  # past the first skip the train step runs ahead of the optimizer's count
+      assert float(metrics["train/lr"]) != float(schedule(i))
+    applied += not skipped
+  assert int(step_lib.applied_updates(state.opt_state)) == applied
+
+
+def test_finite_step_that_writes_nonfinite_params_is_skipped():
+  huge = optax.constant_schedule(3e38)  # finite, but lr * gradient overflows float32
+  tx = optax.sgd(huge)
+  step = jax.jit(step_lib.make_train_step(linear_loss, tx, huge, microbatches=1))
+  state = fresh_state(tx, {"w": jnp.ones(2)})
+
+  state, metrics = step(state, batch([2.0, 2.0]))  # update -6e38: -inf params
+  assert np.isfinite(float(metrics["train/loss"])) and np.isfinite(
+      float(metrics["train/grad_norm"]))
+  assert int(metrics["train/skipped"]) == 1 and int(metrics["train/skipped_in_a_row"]) == 1
+  np.testing.assert_array_equal(state.params["w"], np.ones(2))  # unchanged
+  assert int(step_lib.applied_updates(state.opt_state)) == 0
+
+  state, metrics = step(state, batch([1e-37, 1e-37]))  # update -30: finite, applied
+  assert int(metrics["train/skipped"]) == 0 and int(metrics["train/skipped_in_a_row"]) == 0
+  np.testing.assert_allclose(state.params["w"], np.ones(2) - 3e38 * 1e-37, rtol=1e-5)
+  assert int(step_lib.applied_updates(state.opt_state)) == 1
