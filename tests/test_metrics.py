@@ -4,7 +4,9 @@ import json
 import subprocess
 import sys
 
-from trainer.metrics import MetricsWriter
+import jax.numpy as jnp
+
+from trainer.metrics import MeanSinceLog, MetricsWriter
 from trainer_utils import REPO
 
 
@@ -23,3 +25,12 @@ def test_metrics_jsonl_tensorboard_and_plot(tmp_path):
   subprocess.run([sys.executable, "scripts/plot_metrics.py", str(tmp_path / "a"),
                   str(tmp_path / "b"), "-o", str(output)], cwd=REPO, check=True)
   assert output.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_mean_since_log_averages_on_device_and_restarts():
+  means = MeanSinceLog(("train/loss",))
+  for loss in (1.0, 2.0, 6.0):
+    means.add({"train/loss": jnp.float32(loss), "train/grad_norm": jnp.float32(0.0)})
+  assert means.pop() == {"train/loss": 3.0}
+  means.add({"train/loss": jnp.float32(5.0)})
+  assert means.pop() == {"train/loss": 5.0}

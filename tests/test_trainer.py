@@ -87,3 +87,16 @@ def test_microbatches_accumulate_to_the_full_batch_gradient(tmp_path):
     losses[micro] = losses_by_step(tmp_path / str(micro))
   np.testing.assert_allclose([losses[2][s] for s in (1, 2, 3)],
                              [losses[1][s] for s in (1, 2, 3)], rtol=1e-4)
+
+
+def test_logged_loss_is_the_mean_since_the_last_log_line(tmp_path):
+  every_step = tiny_config(steps=4, log_every=1, eval_every=0)
+  trainer_main.train(every_step, str(tmp_path / "1"), devices=jax.devices()[:1])
+  every_other = tiny_config(steps=4, log_every=2, eval_every=0)
+  trainer_main.train(every_other, str(tmp_path / "2"), devices=jax.devices()[:1])
+  per_step, logged = losses_by_step(tmp_path / "1"), losses_by_step(tmp_path / "2")
+  assert sorted(logged) == [2, 4]
+  for step in (2, 4):
+    assert logged[step] != per_step[step]  # not the last batch's
+    np.testing.assert_allclose(logged[step], (per_step[step - 1] + per_step[step]) / 2,
+                               rtol=1e-5)

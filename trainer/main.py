@@ -25,7 +25,7 @@ from trainer import distributed, dry_run, hardware
 from trainer import setup as setup_lib
 from trainer import step as step_lib
 from trainer import validate
-from trainer.metrics import MetricsWriter, StepTimer
+from trainer.metrics import MeanSinceLog, MetricsWriter, StepTimer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config file.",
                                           lock_config=True)
@@ -107,6 +107,7 @@ def train(config, workdir: str, devices=None) -> tuple[step_lib.TrainState, dict
 
   # ---------------------------------------------------------------- the loop
   writer = MetricsWriter(workdir, total_steps, enabled=is_main)
+  loss_since_log = MeanSinceLog(("train/loss",))
   peak_flops = hardware.peak_flops_per_device(config.train.peak_flops_per_device)
   tokens_per_step = config.train.global_batch_size * config.data.seq_len
   preemption = checkpoint_lib.PreemptionWatch()
@@ -115,11 +116,13 @@ def train(config, workdir: str, devices=None) -> tuple[step_lib.TrainState, dict
   with jax.set_mesh(mesh):
     while step < total_steps:
       state, metrics = run.train_step(state, to_global(next(train_iter)))
+      loss_since_log.add(metrics)
       step += 1
       timer.tick()
       writer.advance(step)
       if step % config.train.log_every == 0 or step == total_steps:
         metrics = jax.device_get(metrics)
+        metrics.update(loss_since_log.pop())  # the mean, not the last batch's
         seconds = timer.lap()
         metrics.update({"train/step_time": seconds,
                         "train/tokens_per_sec": tokens_per_step / seconds})

@@ -2,7 +2,9 @@
 
 metrics.jsonl holds one JSON object per line: {"step": int, "<group>/<name>": float, ...},
 e.g. "train/loss", "train/bits_per_byte", "eval/loss", "train/lr". Keys are stable;
-readers should ignore keys they do not know. Only process 0 writes.
+readers should ignore keys they do not know. Only process 0 writes. "train/loss" is the
+mean over the steps since the previous log line, the other train/ values the logged
+step's own.
 """
 
 import json
@@ -58,6 +60,27 @@ class MetricsWriter:
       self._tb.close()
       if self._bar is not None:
         self._bar.close()
+
+
+class MeanSinceLog:
+  """Per-step metrics summed on the device between log lines and read as means at log
+  time: one small device add per step, and the host waits for nothing until then."""
+
+  def __init__(self, names=("train/loss",)):
+    self._names = names
+    self._sums, self._count = None, 0
+
+  def add(self, metrics) -> None:
+    values = {name: metrics[name] for name in self._names}
+    self._sums = values if self._sums is None else {
+        name: self._sums[name] + values[name] for name in self._names}
+    self._count += 1
+
+  def pop(self) -> dict[str, float]:
+    """The means since the last pop, and a fresh start."""
+    means = {name: float(total) / self._count for name, total in self._sums.items()}
+    self._sums, self._count = None, 0
+    return means
 
 
 class StepTimer:
