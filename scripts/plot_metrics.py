@@ -10,13 +10,16 @@ import pathlib
 
 
 def read_series(workdir: str, metric: str) -> tuple[list[int], list[float]]:
-  steps, values = [], []
+  """(steps, values) of `metric` in step order. Where a step appears more than once (a
+  file from before resumes dropped the steps past the restored one), its last record
+  wins: that is the run that went on."""
+  by_step = {}
   for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines():
     record = json.loads(line)
     if metric in record:
-      steps.append(record["step"])
-      values.append(record[metric])
-  return steps, values
+      by_step[record["step"]] = record[metric]
+  steps = sorted(by_step)
+  return steps, [by_step[s] for s in steps]
 
 
 def plot(workdirs: list[str], metrics: list[str], output: str) -> None:

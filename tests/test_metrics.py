@@ -1,5 +1,6 @@
 """metrics.jsonl format, TensorBoard files, and the plotting script."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -25,6 +26,41 @@ def test_metrics_jsonl_tensorboard_and_plot(tmp_path):
   subprocess.run([sys.executable, "scripts/plot_metrics.py", str(tmp_path / "a"),
                   str(tmp_path / "b"), "-o", str(output)], cwd=REPO, check=True)
   assert output.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _plot_script():
+  spec = importlib.util.spec_from_file_location("plot_metrics", REPO / "scripts" / "plot_metrics.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_a_resumed_run_writes_each_step_once(tmp_path):
+  writer = MetricsWriter(str(tmp_path), total_steps=6)
+  for step in range(1, 7):
+    writer.write(step, {"train/loss": 10.0 + step})
+  writer.close()
+  with open(tmp_path / "metrics.jsonl", "a", encoding="utf-8") as f:
+    f.write('{"step": 7, "train/lo')  # a line cut short by a kill
+  # The run resumes from a checkpoint at step 4 and redoes steps 5 and 6.
+  writer = MetricsWriter(str(tmp_path), total_steps=6, start_step=4)
+  for step in (5, 6):
+    writer.write(step, {"train/loss": 20.0 + step})
+  writer.close()
+  records = [json.loads(line) for line in
+             (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+  assert [r["train/loss"] for r in records] == [11.0, 12.0, 13.0, 14.0, 25.0, 26.0]
+  assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_plot_reads_records_in_step_order_last_one_winning(tmp_path):
+  records = [(1, 5.0), (2, 4.0), (3, 3.0), (2, 4.5), (3, 3.5), (4, 2.0)]
+  (tmp_path / "metrics.jsonl").write_text("".join(
+      json.dumps({"step": s, "train/loss": v}) + "\n" for s, v in records) +
+      json.dumps({"step": 5, "eval/loss": 1.0}) + "\n")
+  steps, values = _plot_script().read_series(str(tmp_path), "train/loss")
+  assert steps == [1, 2, 3, 4] and values == [5.0, 4.5, 3.5, 2.0]
 
 
 def test_mean_since_log_averages_on_device_and_restarts():

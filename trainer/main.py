@@ -106,7 +106,7 @@ def train(config, workdir: str, devices=None) -> tuple[step_lib.TrainState, dict
     return metrics
 
   # ---------------------------------------------------------------- the loop
-  writer = MetricsWriter(workdir, total_steps, enabled=is_main)
+  writer = MetricsWriter(workdir, total_steps, start_step=start_step, enabled=is_main)
   loss_since_log = MeanSinceLog(("train/loss",))
   peak_flops = hardware.peak_flops_per_device(config.train.peak_flops_per_device)
   tokens_per_step = config.train.global_batch_size * config.data.seq_len

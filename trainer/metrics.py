@@ -4,10 +4,12 @@ metrics.jsonl holds one JSON object per line: {"step": int, "<group>/<name>": fl
 e.g. "train/loss", "train/bits_per_byte", "eval/loss", "train/lr". Keys are stable;
 readers should ignore keys they do not know. Only process 0 writes. "train/loss" is the
 mean over the steps since the previous log line, the other train/ values the logged
-step's own.
+step's own. A run that starts at step S (a resume) first drops the records past S, so
+each step is in the file once.
 """
 
 import json
+import os
 import pathlib
 import sys
 import time
@@ -15,19 +17,45 @@ import time
 from absl import logging
 
 
+def drop_records_after(path: pathlib.Path, step: int) -> None:
+  """Keep the records of metrics.jsonl up to `step`; a resumed run writes the rest again.
+
+  The kept lines go to a temporary file that replaces the old one in one rename, so a
+  kill leaves either file whole. A line that does not parse (cut short by a kill) goes.
+  """
+  if not path.exists():
+    return
+  text = path.read_text(encoding="utf-8")
+  kept = []
+  for line in text.splitlines():
+    try:
+      if json.loads(line)["step"] <= step:
+        kept.append(line + "\n")
+    except (json.JSONDecodeError, KeyError, TypeError):
+      continue
+  if "".join(kept) != text:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text("".join(kept), encoding="utf-8")
+    os.replace(temporary, path)
+
+
 class MetricsWriter:
   """Appends metrics to metrics.jsonl and TensorBoard; logs a line or a progress bar."""
 
-  def __init__(self, workdir: str, total_steps: int, enabled: bool = True):
+  def __init__(self, workdir: str, total_steps: int, start_step: int = 0,
+               enabled: bool = True):
+    """`start_step`: the step the run starts from (records past it are dropped)."""
     self._enabled = enabled
     self._bar = None
     if not enabled:
       return
     path = pathlib.Path(workdir)
     path.mkdir(parents=True, exist_ok=True)
+    drop_records_after(path / "metrics.jsonl", start_step)
     self._jsonl = open(path / "metrics.jsonl", "a", encoding="utf-8")
     from tensorboardX import SummaryWriter  # no TensorFlow needed
-    self._tb = SummaryWriter(str(path / "tensorboard"))
+    # TensorBoard hides the events of earlier runs from this step on, as the jsonl drops them.
+    self._tb = SummaryWriter(str(path / "tensorboard"), purge_step=start_step + 1)
     if sys.stderr.isatty():
       from tqdm import tqdm
       self._bar = tqdm(total=total_steps, unit="step", dynamic_ncols=True)
