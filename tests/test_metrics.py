@@ -1,13 +1,19 @@
-"""metrics.jsonl format, TensorBoard files, and the plotting script."""
+"""metrics.jsonl format, resumes, TensorBoard files, the progress bar and the plot script."""
 
 import importlib.util
 import json
+import logging as logging_std
+import re
 import subprocess
 import sys
 
 import jax.numpy as jnp
+import pytest
+from absl import logging
+from tqdm import tqdm
 
-from trainer.metrics import MeanSinceLog, MetricsWriter
+from trainer.metrics import (PROGRESS_FORMAT, MeanSinceLog, MetricsWriter, format_eta,
+                             progress_postfix)
 from trainer_utils import REPO
 
 
@@ -70,3 +76,40 @@ def test_mean_since_log_averages_on_device_and_restarts():
   assert means.pop() == {"train/loss": 3.0}
   means.add({"train/loss": jnp.float32(5.0)})
   assert means.pop() == {"train/loss": 5.0}
+
+
+@pytest.mark.parametrize("steps", [600, 1_000_000])
+def test_progress_line_fits_80_columns(steps):
+  widest = max(
+      len(tqdm.format_meter(n, steps, 10.0, bar_format=PROGRESS_FORMAT, eta=format_eta(eta),
+                            postfix=progress_postfix({"train/loss": loss,
+                                                      "train/tokens_per_sec": rate})))
+      for n in (0, 1, steps // 3, steps)
+      for eta in (None, 0.0, 59.0, 99 * 3600.0, 40 * 86400.0, 1e12)
+      for loss in (5.5451, 12.345, 12345.6, 1.2345e-4, float("nan"))
+      for rate in (0.5, 12345.0, 9.99e8, 1e12))
+  assert widest <= 80
+
+
+def test_progress_bar_keeps_eval_lines_and_warnings_out_of_its_line(tmp_path, capsys):
+  root = logging_std.getLogger()
+  console = logging_std.StreamHandler(sys.stderr)  # as absl's handler is under app.run
+  root.addHandler(console)
+  try:
+    writer = MetricsWriter(str(tmp_path), total_steps=10, progress_bar=True)
+    writer.advance(1)
+    writer.write(1, {"train/loss": 2.5, "train/tokens_per_sec": 1e4})
+    logging.warning("a library warning")
+    writer.write(1, {"eval/loss": 2.75})
+    writer.advance(2)
+    writer.close()
+  finally:
+    root.removeHandler(console)
+  assert console not in root.handlers  # close() put it back, and we took it out
+  # tqdm redraws its line after \r; a printed line ends with \n.
+  pieces = re.split(r"[\r\n]", capsys.readouterr().err)
+  bars = [p for p in pieces if "%|" in p]
+  assert bars and all(len(p) <= 80 for p in bars)
+  assert any("loss 2.5, 10.0k tok/s" in p for p in bars)
+  assert not any("warning" in p or "eval/loss" in p for p in bars)
+  assert "a library warning" in pieces and "step 1: eval/loss=2.75" in pieces

@@ -9,12 +9,51 @@ each step is in the file once.
 """
 
 import json
+import logging as logging_std
 import os
 import pathlib
 import sys
 import time
 
 from absl import logging
+from tqdm import tqdm
+
+# Fixed-width fields, so the bar keeps its width and the line fits 80 columns.
+PROGRESS_FORMAT = "{percentage:3.0f}%|{bar:14}| {n_fmt}/{total_fmt} [eta {eta}{postfix}]"
+
+
+def format_eta(seconds: float | None) -> str:
+  """At most 8 columns: H:MM:SS below 100 hours, then days (a first step that compiles
+  for a minute can make a long run's first estimate years)."""
+  if seconds is None:
+    return "?"
+  if seconds < 100 * 3600:
+    return tqdm.format_interval(seconds)
+  days = seconds / 86400
+  return f"{days:.0f}d" if days < 1000 else ">999d"
+
+
+def progress_postfix(metrics: dict[str, float]) -> str:
+  """The numbers the progress bar shows after its ETA: the loss and tokens/s."""
+  parts = []
+  if "train/loss" in metrics:
+    parts.append(f"loss {metrics['train/loss']:.4g}")
+  if "train/tokens_per_sec" in metrics:
+    parts.append(f"{tqdm.format_sizeof(metrics['train/tokens_per_sec'])} tok/s")
+  return ", ".join(parts)
+
+
+class _ProgressBar(tqdm):
+  """tqdm with the compact {eta} of format_eta."""
+
+  @property
+  def format_dict(self):
+    values = super().format_dict
+    done, elapsed = values["n"] - values["initial"], values["elapsed"]
+    # tqdm's own rule: the smoothed rate when it has one, else the average since start.
+    rate = values["rate"] or (done / elapsed if done and elapsed else None)
+    values["eta"] = format_eta((values["total"] - values["n"]) / rate if rate else None)
+    return values
 
 
 def drop_records_after(path: pathlib.Path, step: int) -> None:
@@ -39,14 +78,37 @@ def drop_records_after(path: pathlib.Path, step: int) -> None:
     os.replace(temporary, path)
 
 
+def _writes_to_console(handler: logging_std.Handler) -> bool:
+  inner = getattr(handler, "python_handler", handler)  # absl's handler wraps a stream one
+  return (isinstance(inner, logging_std.StreamHandler) and
+          inner.stream in (sys.stderr, sys.stdout))
+
+
+class _LogAboveTheBar(logging_std.Handler):
+  """Stands in for a console log handler while the bar shows: formats and filters a
+  record as that handler does, and prints it with tqdm.write, which clears the bar,
+  prints the line and draws the bar again below it."""
+
+  def __init__(self, console: logging_std.Handler):
+    super().__init__(console.level)
+    self.console = console
+    self.filters = console.filters
+
+  def emit(self, record: logging_std.LogRecord) -> None:
+    tqdm.write(self.console.format(record), file=sys.stderr)
+
+
 class MetricsWriter:
   """Appends metrics to metrics.jsonl and TensorBoard; logs a line or a progress bar."""
 
   def __init__(self, workdir: str, total_steps: int, start_step: int = 0,
-               enabled: bool = True):
-    """`start_step`: the step the run starts from (records past it are dropped)."""
+               enabled: bool = True, progress_bar: bool | None = None):
+    """`start_step`: the step the run starts from (records past it are dropped);
+    `progress_bar`: None shows one when stderr is a terminal."""
     self._enabled = enabled
     self._bar = None
+    self._latest = {}  # the newest value of each metric, for the bar's postfix
+    self._log_handlers = []  # the ones standing in for console handlers
     if not enabled:
       return
     path = pathlib.Path(workdir)
@@ -56,9 +118,17 @@ class MetricsWriter:
     from tensorboardX import SummaryWriter  # no TensorFlow needed
     # TensorBoard hides the events of earlier runs from this step on, as the jsonl drops them.
     self._tb = SummaryWriter(str(path / "tensorboard"), purge_step=start_step + 1)
-    if sys.stderr.isatty():
-      from tqdm import tqdm
-      self._bar = tqdm(total=total_steps, unit="step", dynamic_ncols=True)
+    if progress_bar is None:
+      progress_bar = sys.stderr.isatty()
+    if progress_bar:
+      self._bar = _ProgressBar(total=total_steps, initial=start_step, unit="step",
+                               bar_format=PROGRESS_FORMAT, file=sys.stderr)
+      # Library warnings (absl logging) would otherwise be written into the bar's line.
+      root = logging_std.getLogger()
+      for handler in [h for h in root.handlers if _writes_to_console(h)]:
+        self._log_handlers.append(_LogAboveTheBar(handler))
+        root.removeHandler(handler)
+        root.addHandler(self._log_handlers[-1])
 
   def write(self, step: int, metrics: dict[str, float]) -> None:
     if not self._enabled:
@@ -71,16 +141,18 @@ class MetricsWriter:
         self._tb.add_scalar(name, value, step)
     self._tb.flush()
     summary = ", ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "step")
-    if self._bar is not None:
-      self._bar.set_postfix_str(summary, refresh=False)
-    else:
+    if self._bar is None:
       logging.info("step %d: %s", step, summary)
+      return
+    self._latest.update(record)
+    self._bar.set_postfix_str(progress_postfix(self._latest), refresh=False)
+    if any(not k.startswith("train/") for k in metrics):  # evals: a line above the bar
+      self._bar.write(f"step {step}: {summary}", file=sys.stderr)
 
   def advance(self, step: int) -> None:
     """Move the progress bar to `step` (no-op without a terminal)."""
     if self._bar is not None:
-      self._bar.n = step
-      self._bar.refresh()
+      self._bar.update(step - self._bar.n)
 
   def close(self) -> None:
     if self._enabled:
@@ -88,6 +160,10 @@ class MetricsWriter:
       self._tb.close()
       if self._bar is not None:
         self._bar.close()
+        root = logging_std.getLogger()
+        for handler in self._log_handlers:
+          root.removeHandler(handler)
+          root.addHandler(handler.console)
 
 
 class MeanSinceLog:
