@@ -35,6 +35,9 @@ def base_config() -> ml_collections.ConfigDict:
       async_save=True,
       init_from="",  # another run's workdir, to start from its latest checkpoint
       init_what="params",  # 'params' or 'params_and_optimizer'
+      # Resume a checkpoint that has no data position for this run's process count,
+      # starting the data stream afresh (otherwise that is an error).
+      restart_data=False,
   ))
   config.distributed = distributed.default_config()
   config.dry_run = ml_collections.ConfigDict(dict(

@@ -71,7 +71,7 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops(tmp_path):
   config = tiny_config(steps=20, log_every=1, eval_every=0, max_nonfinite_steps=3)
   config.optimizer.learning_rate = 1e30  # diverges within a few steps
   config.optimizer.grad_clip_norm = 0.0
-  with pytest.raises(SystemExit, match="non-finite"):
+  with pytest.raises(trainer_main.NonFiniteError, match="non-finite"):
     trainer_main.train(config, str(tmp_path), devices=jax.devices()[:1])
   metrics = read_metrics(tmp_path)
   skipped = [m["train/skipped"] for m in metrics if "train/skipped" in m]

@@ -1,37 +1,57 @@
-"""Orbax checkpoints of the whole run: train state, data iterator and config.
+"""Orbax checkpoints of the whole run, and the rules that make every step safe to lose.
 
-Every save holds {params, optimizer state (PSGD factors, momentum, key, counters), step,
-rng} as "state", the grain iterator position as "data" and the resolved config as
-"config" (JSON). Orbax writes a step to a temporary directory and renames it when the
-save is complete, so a kill at any moment leaves the last committed step intact, and
-restore only ever sees committed steps.
+A step holds {params, optimizer state (PSGD factors, momentum, key, counters), step,
+rng} as "state", the grain iterator position as "data", the resolved config as "config"
+and a checksum of every state array as "checksums". What makes a kill, a full disk or
+bit rot cost at most the last save interval:
+- A step counts only when it is complete: Orbax's commit marker and every item's
+  metadata present. Leftover temporary directories are deleted (they were never a
+  committed step); a step directory that is not complete is moved aside, never deleted.
+- Restore tries the newest complete step first. If it cannot be read or its arrays do
+  not match their checksums, the one before is tried; once one restores, the ones that
+  failed are moved aside with a warning naming each. If none restores, nothing is moved
+  and the error lists every step and why.
+- A failed background save is reported at the next step (`check_for_errors`), with its
+  temporary directory removed, so a run never trains on without its saves.
 """
 
-import json
 import os
 import signal
+import time
 from typing import Any, Optional
 
 import grain
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-# Config sections a checkpoint must agree with to be resumed.
-_MUST_MATCH = ("model", "optimizer.name")
+from trainer import resume_rules
+
+ASIDE = "checkpoints_aside"  # <workdir>/checkpoints_aside: steps moved out of the way
+_TMP_MARK = ".orbax-checkpoint-tmp"
+# Files a complete step has: Orbax writes the first when the step is committed.
+_COMPLETE_MARKERS = ("_CHECKPOINT_METADATA", "state/_METADATA", "state/manifest.ocdbt",
+                     "config/metadata")
 
 
 class CheckpointMismatchError(ValueError):
-  """A checkpoint that does not fit the configured model or optimizer."""
+  """A checkpoint that does not fit the configured run."""
 
 
-def _section(config: dict, dotted: str):
-  for part in dotted.split("."):
-    config = config.get(part, {}) if isinstance(config, dict) else None
-  return config
+class CheckpointSaveError(RuntimeError):
+  """A save that failed: the run must stop (its last committed step is intact)."""
+
+
+class CheckpointRestoreError(RuntimeError):
+  """No complete step could be restored."""
+
+
+class _Damaged(Exception):
+  """A step that cannot be read back as saved."""
 
 
 def _path_str(path) -> str:
@@ -40,12 +60,48 @@ def _path_str(path) -> str:
                   for k in path)
 
 
+def _array_checksum(x: jax.Array) -> jax.Array:
+  """Sum of the array's bytes as uint32 words, wrapping: exact and independent of how
+  the array is sharded or summed, and changed by any single flipped byte."""
+  if x.dtype == jnp.bool_:
+    x = x.astype(jnp.uint8)
+  if x.dtype.itemsize == 8:  # bitcast splits each element into two uint32 words
+    words = jax.lax.bitcast_convert_type(x, jnp.uint32)
+  else:
+    unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
+    words = jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+  return jnp.sum(words, dtype=jnp.uint32)
+
+
+_checksums_on_device = jax.jit(lambda tree: jax.tree.map(_array_checksum, tree))
+
+
+def checksums(state: Any) -> dict[str, int]:
+  """Saved-array name -> checksum of its contents."""
+  sums = jax.device_get(_checksums_on_device(state))
+  return {_path_str(path): int(value)
+          for path, value in jax.tree_util.tree_flatten_with_path(sums)[0]}
+
+
+def _all_processes_agree(ok: bool) -> bool:
+  """True only if `ok` holds on every process (collective on multi-host runs)."""
+  if jax.process_count() == 1:
+    return ok
+  return bool(multihost_utils.process_allgather(np.int32(ok)).min())
+
+
 class Checkpointer:
-  """CheckpointManager in <workdir>/checkpoints (local path or gs:// URL)."""
+  """CheckpointManager in <workdir>/checkpoints (local path or gs:// URL), made safe:
+  see the module docstring."""
 
   def __init__(self, workdir: str, *, save_every: int, max_to_keep: Optional[int],
                keep_every: Optional[int], async_save: bool = True):
     self.directory = os.path.join(workdir, "checkpoints")
+    self._aside = epath.Path(workdir) / ASIDE
+    if jax.process_index() == 0:
+      self._clear_incomplete()
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("checkpoints: incomplete steps cleared")
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
@@ -53,31 +109,185 @@ class Checkpointer:
             enable_async_checkpointing=async_save, create=True),
         item_handlers=dict(state=ocp.StandardCheckpointHandler(),
                            data=grain.checkpoint.CheckpointHandler(),
-                           config=ocp.JsonCheckpointHandler()))
+                           config=ocp.JsonCheckpointHandler(),
+                           checksums=ocp.JsonCheckpointHandler()))
+
+  # ------------------------------------------------------------ what is on disk
+  def _clear_incomplete(self) -> None:
+    root = epath.Path(self.directory)
+    if not root.exists():
+      return
+    for entry in root.iterdir():
+      if _TMP_MARK in entry.name:
+        logging.warning("Deleting %s: an unfinished save (never committed).", entry)
+        entry.rmtree()
+      elif entry.name.isdigit() and entry.is_dir():
+        if missing := _missing_markers(entry):
+          _move_aside(entry, self._aside, "incomplete, without " + ", ".join(missing))
+
+  def move_aside(self, step: int, reason: str) -> None:
+    """Move step `step` to <workdir>/checkpoints_aside, out of the kept set."""
+    if jax.process_index() == 0:
+      _move_aside(epath.Path(self.directory) / str(step), self._aside, reason)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"checkpoints: step {step} moved aside")
+    self._manager.reload()
+
+  def committed_steps(self) -> list[int]:
+    """The complete steps on disk (the manager also counts a save still in flight)."""
+    root = epath.Path(self.directory)
+    return sorted(int(e.name) for e in (root.iterdir() if root.exists() else ())
+                  if e.name.isdigit() and not _missing_markers(e))
+
+  def steps(self) -> list[int]:
+    return list(self._manager.all_steps())
 
   def latest_step(self) -> Optional[int]:
     return self._manager.latest_step()
 
-  def save(self, step: int, state: Any, data_iterator: Any, config: dict,
-           force: bool = False) -> bool:
-    """Start a save of `step` if it is due (or forced); returns whether it started."""
-    return self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        data=grain.checkpoint.CheckpointSave(data_iterator),
-        config=ocp.args.JsonSave(config)), force=force)
+  # ------------------------------------------------------------------- saving
+  def due(self, step: int) -> bool:
+    """Whether the save schedule wants `step` (the first step of a run always is)."""
+    return self._manager.should_save(step)
 
-  def check_compatible(self, step: int, abstract_state: Any, config: dict) -> None:
-    """CheckpointMismatchError saying what differs, before any array is read."""
-    saved = self._manager.restore(step, args=ocp.args.Composite(
-        config=ocp.args.JsonRestore())).config
-    problems = []
-    for key in _MUST_MATCH:
-      ours, theirs = _section(config, key), _section(saved, key)
-      if ours != theirs:
-        problems.append(f"config {key}: checkpoint has {json.dumps(theirs, sort_keys=True)}, "
-                        f"this run has {json.dumps(ours, sort_keys=True)}")
-    saved_meta = self._manager.item_metadata(step)["state"]
-    saved_shapes = {m.name: tuple(m.shape) for m in jax.tree.leaves(saved_meta)}
+  def save(self, step: int, state: Any, data_iterator: Any, config: dict) -> None:
+    """Start saving `step` (async unless configured otherwise)."""
+    self.check_for_errors()
+    try:
+      self._manager.save(step, force=True, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state),
+          data=grain.checkpoint.CheckpointSave(data_iterator),
+          config=ocp.args.JsonSave(config),
+          checksums=ocp.args.JsonSave(checksums(state))))
+    except Exception as error:
+      self._fail(error)
+
+  def check_for_errors(self) -> None:
+    """CheckpointSaveError if a background save failed (cheap: call it every step)."""
+    try:
+      self._manager.check_for_errors()
+    except Exception as error:
+      self._fail(error)
+
+  def _fail(self, error: Exception) -> None:
+    if jax.process_index() == 0:  # free the space a half-written step holds
+      root = epath.Path(self.directory)
+      for entry in (root.iterdir() if root.exists() else ()):
+        if _TMP_MARK in entry.name:
+          entry.rmtree(missing_ok=True)
+    committed = self.committed_steps()
+    kept = (f"The last committed step, {committed[-1]}, is intact" if committed else
+            "No step was committed yet")
+    raise CheckpointSaveError(f"Saving a checkpoint in {self.directory} failed: "
+                              f"{_one_line(error)}. {kept}; fix the cause and rerun.") from error
+
+  def wait(self) -> None:
+    try:
+      self._manager.wait_until_finished()
+    except Exception as error:
+      self._fail(error)
+
+  def close(self) -> None:
+    """Wait for the save in flight, then release the manager's threads."""
+    try:
+      self.wait()
+    finally:
+      self._manager.close()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, exc_type, exc, traceback):
+    if exc_type is None:
+      self.close()
+      return
+    try:  # already failing: release everything, but report the first error only
+      self.close()
+    except Exception as error:  # pylint: disable=broad-except
+      logging.warning("While stopping after an error: %s", _one_line(error))
+
+  # ---------------------------------------------------------------- restoring
+  def restore_latest(self, abstract_state: Any, data_iterator: Any, config: dict,
+                     restart_data: bool = False) -> Optional[Any]:
+    """The newest step that restores intact, placed as `abstract_state` says (the data
+    iterator is set in place), or None when there is no checkpoint. Steps newer than
+    it that failed are moved aside. CheckpointMismatchError if the newest readable step
+    belongs to another config: that is the user's call, not damage."""
+    failures, state = [], None
+    for step in reversed(self.steps()):
+      try:
+        state, why = self._restore_checked(step, abstract_state, data_iterator, config,
+                                           restart_data), None
+      except _Damaged as error:
+        why = str(error)
+      if not _all_processes_agree(why is None):
+        failures.append((step, why or "it does not restore on another process"))
+        continue
+      for bad, reason in failures:
+        self.move_aside(bad, reason)
+      if failures:
+        logging.warning("Resuming from step %d, the newest step that restores intact.",
+                        step)
+      return state
+    if failures:
+      raise CheckpointRestoreError(
+          f"No checkpoint in {self.directory} restores: " +
+          "; ".join(f"step {s}: {why}" for s, why in failures) +
+          f". Nothing was moved. To start afresh, move {self.directory} away.")
+    return None
+
+  def _restore_checked(self, step, abstract_state, data_iterator, config, restart_data):
+    step_dir = epath.Path(self.directory) / str(step)
+    small_items = dict(config=ocp.args.JsonRestore())
+    if (step_dir / "checksums").exists():  # steps saved before checksums have none
+      small_items["checksums"] = ocp.args.JsonRestore()
+    try:
+      saved = self._manager.restore(step, args=ocp.args.Composite(**small_items))
+      saved_config, saved_sums = saved.config, saved.get("checksums")
+      saved_shapes = {m.name: tuple(m.shape) for m in
+                      jax.tree.leaves(self._manager.item_metadata(step)["state"])}
+    except Exception as error:
+      raise _Damaged(f"its config or metadata cannot be read ({_one_line(error)})") from error
+    self.check_compatible(step, abstract_state, config, saved_config, saved_shapes)
+    items = dict(state=ocp.args.StandardRestore(abstract_state))
+    if self._has_data_position(step):
+      items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+    elif restart_data:
+      logging.warning("Step %d has no data position for %d processes: the data stream "
+                      "starts afresh (checkpoint.restart_data=True).", step,
+                      jax.process_count())
+    else:
+      raise CheckpointMismatchError(
+          f"Step {step} in {self.directory} has no data position for this run's "
+          f"{jax.process_count()} processes (a missing file, or a run saved by another "
+          "number of processes). Rerun with --config.checkpoint.restart_data=True to "
+          "resume the state and start the data stream afresh.")
+    try:
+      state = self._manager.restore(step, args=ocp.args.Composite(**items)).state
+    except Exception as error:
+      raise _Damaged(f"its arrays cannot be read ({_one_line(error)})") from error
+    if saved_sums is None:
+      logging.warning("Step %d was saved without checksums (an older version): not "
+                      "verified.", step)
+    else:
+      bad = sorted(name for name, value in checksums(state).items()
+                   if saved_sums.get(name) != value)
+      if bad:
+        raise _Damaged(f"checksum mismatch in {len(bad)} array(s): {', '.join(bad[:4])}")
+    logging.info("Restored step %d from %s", step, self.directory)
+    return state
+
+  def _has_data_position(self, step: int) -> bool:
+    """grain writes one file per process: data/process_<i>-of-<count>.json."""
+    name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    return (epath.Path(self.directory) / str(step) / "data" / name).exists()
+
+  def check_compatible(self, step: int, abstract_state: Any, config: dict,
+                       saved_config: dict, saved_shapes: dict) -> None:
+    """CheckpointMismatchError saying what differs, before any array is read: settings
+    resume_rules refuses to change, and array shapes."""
+    problems = [f"config {line}" for line in
+                resume_rules.refused_changes(saved_config, config)]
     wanted = {_path_str(p): tuple(x.shape) for p, x in
               jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
     params_first = lambda name: (not name.startswith("params."), name)
@@ -92,38 +302,21 @@ class Checkpointer:
           "config:\n  " + "\n  ".join(shown) +
           "\nUse another --workdir, or the config the checkpoint was written with.")
 
-  def _saved_process_count(self, step: int) -> Optional[int]:
-    """How many processes saved `step`'s data positions: grain writes one file per
-    process, data/process_<i>-of-<count>.json."""
-    first = list((epath.Path(self.directory) / str(step) / "data").glob("process_0-of-*.json"))
-    return int(first[0].stem.rsplit("-", 1)[1]) if first else None
 
-  def restore(self, step: int, abstract_state: Any, data_iterator: Any, config: dict) -> Any:
-    """The state at `step` placed as `abstract_state` says; the iterator is set in place.
+def _missing_markers(step_dir: epath.Path) -> list[str]:
+  return [m for m in _COMPLETE_MARKERS if not (step_dir / m).exists()]
 
-    A checkpoint saved by another number of processes (a run moved to a bigger or smaller
-    slice) restores the state only: each process's data position belongs to a shard this
-    run does not have, so the data stream starts afresh.
-    """
-    self.check_compatible(step, abstract_state, config)
-    items = dict(state=ocp.args.StandardRestore(abstract_state))
-    saved_by = self._saved_process_count(step)
-    if saved_by == jax.process_count():
-      items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-    else:
-      logging.warning("Step %d was saved by %s processes, this run has %d: the data "
-                      "position does not carry over; the data stream starts afresh.",
-                      step, saved_by, jax.process_count())
-    restored = self._manager.restore(step, args=ocp.args.Composite(**items))
-    logging.info("Restored step %d from %s", step, self.directory)
-    return restored.state
 
-  def wait(self) -> None:
-    self._manager.wait_until_finished()
+def _move_aside(step_dir: epath.Path, aside: epath.Path, reason: str) -> None:
+  target = aside / f"{step_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+  aside.mkdir(parents=True, exist_ok=True)
+  step_dir.rename(target)
+  logging.warning("Moved checkpoint step %s aside to %s: %s", step_dir.name, target, reason)
 
-  def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
+
+def _one_line(error: BaseException) -> str:
+  text = " ".join(str(error).split()) or type(error).__name__
+  return text if len(text) <= 600 else text[:597] + "..."
 
 
 def restore_for_init(path: str, abstract_state: Any, what: str) -> Any:
@@ -145,26 +338,41 @@ def restore_for_init(path: str, abstract_state: Any, what: str) -> Any:
   return restored
 
 
-class PreemptionWatch:
-  """SIGTERM (what schedulers and TPU maintenance send) asks for a save-and-exit.
+class StopSignals:
+  """SIGTERM (schedulers, TPU maintenance) and SIGINT (Ctrl-C) ask for a save-and-exit;
+  a second Ctrl-C aborts at once.
 
   `requested()` is collective on multi-host runs: every process learns at the same step
-  whether any of them was signalled, so all save the same step.
+  whether any of them was signalled, so all save the same step. Use as a context
+  manager: the previous handlers come back on exit.
   """
 
+  _NAMES = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "SIGINT"}
+
   def __init__(self):
-    self._signalled = False
-    self._previous = signal.signal(signal.SIGTERM, self._handle)
+    self.received: Optional[int] = None
+    self._previous = {}
+
+  def __enter__(self):
+    for signum in self._NAMES:
+      self._previous[signum] = signal.signal(signum, self._handle)
+    return self
+
+  def __exit__(self, *exc):
+    for signum, handler in self._previous.items():
+      signal.signal(signum, handler)
 
   def _handle(self, signum, frame):
-    del signum, frame
-    self._signalled = True
+    del frame
+    if signum == signal.SIGINT and self.received == signal.SIGINT:
+      raise KeyboardInterrupt  # asked twice: stop without saving
+    self.received = signum
+    if signum == signal.SIGINT:
+      logging.warning("Ctrl-C: saving this step, then stopping (again to abort).")
 
-  def requested(self) -> bool:
-    flag = np.int32(self._signalled)
+  def requested(self) -> Optional[str]:
+    """'SIGTERM' or 'SIGINT' once any process got one, else None."""
+    code = np.int32(self.received or 0)
     if jax.process_count() > 1:
-      flag = multihost_utils.process_allgather(flag).max()
-    return bool(flag)
-
-  def close(self) -> None:
-    signal.signal(signal.SIGTERM, self._previous)
+      code = multihost_utils.process_allgather(code).max()
+    return self._NAMES.get(int(code))

@@ -73,9 +73,10 @@ def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int, *,
                    preconditioner_update_probability=update_prob, **kron_args)
   else:
     tx = _BASELINES[cfg.name](schedule, cfg, weight_decay_mask)
-  if cfg.grad_clip_norm:
-    tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), tx)
-  return tx, schedule
+  # identity when off: the same state structure either way, so a run can resume with
+  # clipping switched on or off.
+  clip = optax.clip_by_global_norm(cfg.grad_clip_norm) if cfg.grad_clip_norm else optax.identity()
+  return optax.chain(clip, tx), schedule
 
 
 def default_config() -> ml_collections.ConfigDict:

@@ -65,7 +65,8 @@ def check_config(config) -> None:
 
   _at_least(1, "checkpoint.save_every", checkpoint.save_every, "save every N steps.")
   if checkpoint.max_to_keep is not None:
-    _at_least(1, "checkpoint.max_to_keep", checkpoint.max_to_keep, "None keeps them all.")
+    # One kept step has no fallback when it turns out damaged or diverged.
+    _at_least(2, "checkpoint.max_to_keep", checkpoint.max_to_keep, "None keeps them all.")
   if checkpoint.keep_every is not None:
     _at_least(1, "checkpoint.keep_every", checkpoint.keep_every,
               "None keeps only the latest checkpoint.max_to_keep.")
