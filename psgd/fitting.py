@@ -139,7 +139,7 @@ def balance(factors: Factors) -> Factors:
   return tuple(f * (gmean / (n + _TINY)) for f, n in zip(factors, norms))
 
 
-def _rank_one_noise(key: jax.Array, shape: tuple[int, int]) -> jax.Array:
+def _rank_one_noise(key: jax.Array, shape: tuple[int, int], dtype) -> jax.Array:
   """u v^T with u, v standard normal.
 
   Its second moments along each dim equal those of i.i.d. normal noise (E[N N^T] =
@@ -147,7 +147,8 @@ def _rank_one_noise(key: jax.Array, shape: tuple[int, int]) -> jax.Array:
   instead of rows * cols.
   """
   ku, kv = jax.random.split(key)
-  return jax.random.normal(ku, (shape[0], 1)) * jax.random.normal(kv, (1, shape[1]))
+  return (jax.random.normal(ku, (shape[0], 1), dtype) *
+          jax.random.normal(kv, (1, shape[1]), dtype))
 
 
 def _lipschitz(ell: jax.Array, old: jax.Array, beta: float) -> jax.Array:
@@ -222,7 +223,7 @@ def fit(mode: str, factors: Factors, lipschitz: jax.Array, h: jax.Array, key: ja
     return _fit_eq(factors, lipschitz, h, key, lr=lr, beta=beta, damping=damping,
                    grad_eps=grad_eps, operand_dtype=operand_dtype)
   k_noise, k_norm, k_rule = jax.random.split(key, 3)
-  h = h + (damping + grad_eps * jnp.abs(h)) * _rank_one_noise(k_noise, h.shape)
+  h = h + (damping + grad_eps * jnp.abs(h)) * _rank_one_noise(k_noise, h.shape, h.dtype)
   if p_factors is None:
     p_factors = preconditioner_factors(mode, factors, operand_dtype)
   pg = apply_preconditioner(p_factors, h, operand_dtype)
@@ -242,7 +243,7 @@ def fit(mode: str, factors: Factors, lipschitz: jax.Array, h: jax.Array, key: ja
 def _fit_eq(factors, lipschitz, h, key, *, lr, beta, damping, grad_eps, operand_dtype):
   """dQ = E Q with triangular Q: fits Q h h^T Q^T against Q^-T v v^T Q^-1 for probe v."""
   k_probe, k_norm = jax.random.split(key)
-  v = jax.random.normal(k_probe, h.shape)
+  v = jax.random.normal(k_probe, h.shape, h.dtype)
   h = h + (damping + grad_eps * jnp.abs(h)) * v
   q0, q1 = factors
   a = _right(_left(q0, h, operand_dtype), q1.T if q1.ndim == 2 else q1,
