@@ -1,12 +1,20 @@
 """PSGD Kron as optax transformations: `scale_by_kron` and `kron`.
 
-A step: momentum (EMA of gradients), with some probability a refit of each
-parameter's Kronecker factors on the gradient (or momentum), then the momentum is
-preconditioned, clipped per matrix and, with lr_style='adam', scaled to Adam's update
-size. See `fitting.py` for the math and `layout.py` for how parameters become matrices.
+A step: momentum (EMA of gradients); until it is set, the scale of P from the first
+nonzero gradients; with some probability a refit of each parameter's Kronecker factors
+on the gradient (or momentum); then the momentum is preconditioned, clipped per matrix
+and, with lr_style='adam', scaled to Adam's update size. See `fitting.py` for the math
+and `layout.py` for how parameters become matrices.
+
+Every per-parameter field of the state is a tree with the params' structure whose
+leaves are arrays (the factors: one such tree per factor slot), as in optax's own
+optimizers: wrappers that map over params (nnx.Optimizer, optax.masked, MultiSteps)
+then see one state structure from `init` on.
 """
 
+import dataclasses
 import functools
+import itertools
 from typing import Any, Callable, NamedTuple, Optional, Union
 
 import jax
@@ -36,43 +44,16 @@ def adam_style_scale(b1: float, whiten_grad: bool) -> float:
 
 
 class KronState(NamedTuple):
-  """State of `scale_by_kron`. Per-parameter fields mirror the params tree."""
+  """State of `scale_by_kron`; the per-parameter fields are trees shaped like params."""
 
   count: jax.Array  # int32 steps taken
   key: jax.Array  # uint32[2] PRNG key: update decisions, noise, norm estimates
   mu: Any  # momentum, or None when b1 == 0
-  factors: Any  # per param: (factor0, factor1), each (batch, d, d) or (batch, d)
-  precond: Any  # per param: P's factors, shaped like `factors` (cache_preconditioner), or None
-  lipschitz: Any  # per param: (batch, 2) float32 Lipschitz memory of the factors
+  factors: tuple  # per factor slot k, a params tree of factor k: (batch, d, d) or (batch, d)
+  precond: Any  # P's factors, shaped like `factors` (cache_preconditioner), or None
+  lipschitz: Any  # params tree of (batch, num_factors) float32 Lipschitz memories
   initialized: jax.Array  # bool: the preconditioner scale is set
   num_updates: jax.Array  # int32 preconditioner refits so far
-
-
-def _pairs(factor_tree) -> list[tuple[jax.Array, jax.Array]]:
-  """Per parameter (factor0, factor1), from a tree of factor pairs.
-
-  Read by leaves in order, not by container type, so a state that went through
-  nnx.Optimizer (tuples turned into States) reads the same.
-  """
-  leaves = jax.tree.leaves(factor_tree)
-  return list(zip(leaves[::2], leaves[1::2]))
-
-
-def _f32(factors):
-  return tuple(f.astype(jnp.float32) for f in factors)
-
-
-def _check_mask(mask, params, name: str):
-  """Resolve a bool-pytree-or-callable mask and check it matches params."""
-  if mask is None:
-    return jax.tree.map(lambda _: False, params)
-  if callable(mask):
-    mask = mask(params)
-  if jax.tree.structure(mask) != jax.tree.structure(params):
-    raise ValueError(f"{name} does not match the params tree: give one bool per parameter "
-                     f"(params: {jax.tree.structure(params)}, {name}: "
-                     f"{jax.tree.structure(mask)}), or a callable of params returning that.")
-  return mask
 
 
 # Arguments that shape the state or the computation: Python values, never traced.
@@ -83,6 +64,38 @@ STATIC_ARGS = ("b1", "max_size_triangular", "max_skew_triangular", "min_ndim_tri
                "precond_grads_precision", "scanned_layers", "lax_map_scanned_layers",
                "lax_map_batch_size", "seed", "preconditioner_init_scale",
                "cache_preconditioner")
+
+
+# ------------------------------------------------------------------- arguments
+
+
+def _mask_like(mask, params, name: str):
+  """A bool per parameter, in the params' structure, from a mask given as a tree of
+  bools shaped like params (or a prefix of it), or a callable of params returning one."""
+  if mask is None:
+    return jax.tree.map(lambda _: False, params)
+  if callable(mask):
+    mask = mask(params)
+  try:
+    subtrees = jax.tree.structure(mask).flatten_up_to(params)
+  except (ValueError, TypeError) as error:
+    raise ValueError(
+        f"{name} does not match the params tree: give one bool per parameter in a tree of "
+        f"the params' structure (params: {jax.tree.structure(params)}, {name}: "
+        f"{jax.tree.structure(mask)}), or a callable of params returning that.") from error
+  flags = [bool(m) for m, sub in zip(jax.tree.leaves(mask), subtrees)
+           for _ in jax.tree.leaves(sub)]
+  return jax.tree.unflatten(jax.tree.structure(params), flags)
+
+
+def _check_floating(params):
+  """ValueError naming the first parameter PSGD cannot precondition."""
+  for path, p in jax.tree_util.tree_flatten_with_path(params)[0]:
+    if not jnp.issubdtype(p.dtype, jnp.floating):
+      raise ValueError(
+          f"Parameter {jax.tree_util.keystr(path)} has dtype {p.dtype}; psgd preconditions "
+          "floating-point parameters only. Leave it out of the params passed to the "
+          "optimizer (e.g. optax.masked, or nnx.Optimizer(..., wrt=nnx.Param)).")
 
 
 def _is_number(x) -> bool:
@@ -123,38 +136,234 @@ def plan_layouts(params, scanned_layers: MaskOrFn = None, *, max_size_triangular
                  max_skew_triangular: float = 1.0, min_ndim_triangular: int = 2,
                  memory_save_mode: Optional[str] = None, block_size: Optional[int] = None):
   """A tree of `Layout`s (one per parameter) for params under these settings."""
-  mask = _check_mask(scanned_layers, params, "scanned_layers")
+  mask = _mask_like(scanned_layers, params, "scanned_layers")
   plan = functools.partial(layout_lib.plan_layout, max_size=max_size_triangular,
                            max_skew=max_skew_triangular, min_ndim=min_ndim_triangular,
                            memory_save_mode=memory_save_mode, block_size=block_size)
-  return jax.tree.map(lambda p, s: plan(tuple(p.shape), bool(s)), params, mask)
+  return jax.tree.map(lambda p, s: plan(tuple(p.shape), s), params, mask)
 
 
 def layout_table(params, precond_dtype=jnp.float32, **layout_kwargs) -> str:
   """Printable table of every parameter's factors and their bytes (see `plan_layouts`)."""
   layouts = plan_layouts(params, **layout_kwargs)
-  paths, leaves = zip(*jax.tree_util.tree_flatten_with_path(
-      layouts, is_leaf=lambda x: isinstance(x, layout_lib.Layout))[0])
+  paths, leaves = zip(*jax.tree_util.tree_flatten_with_path(layouts, is_leaf=_is_layout)[0])
   return layout_lib.format_table([jax.tree_util.keystr(p) for p in paths], list(leaves),
                                  jnp.dtype(precond_dtype).itemsize)
 
 
-def _init_scale(matrices: list[jax.Array], damping: float) -> tuple[jax.Array, jax.Array]:
+@dataclasses.dataclass(frozen=True)
+class KronSettings:
+  """`scale_by_kron`'s arguments, checked and resolved once."""
+
+  b1: float
+  update_probability: ScalarOrSchedule
+  layout_options: dict  # plan_layouts' keyword arguments
+  scanned_layers: MaskOrFn
+  mode: str
+  preconditioner_lr: Any
+  init_scale: Optional[float]  # None: from the first nonzero gradients
+  cache: bool  # keep P's factors in the state
+  whiten_grad: bool
+  output_scale: float
+  beta_lipschitz: Any
+  damping: Any
+  max_update_rms: Any
+  mu_dtype: Any  # None: the gradient's
+  precond_dtype: Any
+  fit_precision: Optional[str]
+  apply_precision: Optional[str]
+  fit_operand_dtype: Any  # bfloat16 when the fit's matmuls take bfloat16 operands
+  apply_operand_dtype: Any
+  lax_map: bool
+  lax_map_batch_size: int
+  seed: int
+
+  def layouts(self, tree):
+    return plan_layouts(tree, self.scanned_layers, **self.layout_options)
+
+
+# ------------------------------------------------------- per-parameter trees
+
+
+def _is_layout(x) -> bool:
+  return isinstance(x, layout_lib.Layout)
+
+
+def _map_params(fn, layouts, *trees):
+  """fn(layout, *per-parameter entries) over the params' structure."""
+  return jax.tree.map(fn, layouts, *trees, is_leaf=_is_layout)
+
+
+def _slots(layouts, per_param) -> tuple:
+  """Per-parameter tuples of factors -> one params-shaped tree per factor slot."""
+  num_slots = max((lay.num_factors for lay in jax.tree.leaves(layouts, is_leaf=_is_layout)),
+                  default=0)
+  return tuple(_map_params(lambda lay, fs, k=k: fs[k], layouts, per_param)
+               for k in range(num_slots))
+
+
+def _per_param(layouts, slots: tuple):
+  """Inverse of `_slots`: a tree of per-parameter tuples of factors."""
+  return _map_params(lambda lay, *fs: fs, layouts, *slots)
+
+
+def _compute_dtype(dtype):
+  """Arithmetic in float32, or in float64 for float64 gradients."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def _matrix_keys(key: jax.Array, layouts):
+  """A key per matrix, numbered across all params in order, so a stacked parameter
+  draws what the same layers given as separate parameters would."""
+  leaves, treedef = jax.tree.flatten(layouts, is_leaf=_is_layout)
+  starts = itertools.accumulate((lay.batch for lay in leaves), initial=0)
+  return treedef.unflatten([
+      jax.vmap(jax.random.fold_in, (None, 0))(key, start + jnp.arange(lay.batch))
+      for lay, start in zip(leaves, starts)])
+
+
+def _map_matrices(s: KronSettings, lay: layout_lib.Layout, fn, *args):
+  """fn over one parameter's batch of matrices: vmap, or lax.map for scanned layers."""
+  if lay.scanned and s.lax_map:
+    return jax.lax.map(lambda xs: fn(*xs), args, batch_size=s.lax_map_batch_size)
+  return jax.vmap(fn)(*args)
+
+
+def _stored(s: KronSettings, factors):
+  """Factors in their storage dtype. They keep it between refits, so a step that does
+  not refit converts nothing but what it multiplies with."""
+  return jax.tree.map(lambda f: f.astype(s.precond_dtype), factors)
+
+
+def _p_factors(s: KronSettings, factors, operand_dtype=None):
+  """P's factors of one parameter's batch of matrices."""
+  return jax.vmap(lambda *f: fitting.preconditioner_factors(s.mode, f, operand_dtype))(
+      *factors)
+
+
+def _cached(s: KronSettings, layouts, factors):
+  """P's factors of every parameter in storage dtype if cached, else empty tuples."""
+  if not s.cache:
+    return _map_params(lambda lay: (), layouts)
+  return _stored(s, _map_params(lambda lay, fs: _p_factors(s, fs), layouts, factors))
+
+
+def _identity_factors(s: KronSettings, lay: layout_lib.Layout):
+  """Factors of P = init_scale^2 I (1 when the scale comes from the gradients)."""
+  eye = [jnp.broadcast_to(jnp.eye(d) if dense else jnp.ones(d), shape)
+         for d, dense, shape in zip(lay.block_shape, lay.dense, lay.factor_shapes())]
+  return fitting.scale_factors(s.mode, tuple(eye), jnp.float32(s.init_scale or 1.0))
+
+
+# ------------------------------------------------------------------ the phases
+
+
+def _momentum(s: KronSettings, count, mu, grads):
+  """EMA of the gradients with factor min(count / (count + 1), b1): the factor ramps up
+  from 0, so no bias correction is needed."""
+  if s.b1 == 0:
+    return grads
+  beta = jnp.minimum(count / (count + 1.0), s.b1)
+  return jax.tree.map(lambda m, g: beta.astype(g.dtype) * m.astype(g.dtype) +
+                      (1 - beta.astype(g.dtype)) * g, mu, grads)
+
+
+def _fourth_moment_roots(g: jax.Array) -> jax.Array:
+  """E[g^4]^(1/4) of each matrix of a (batch, rows, cols) array, without overflow."""
+  gmax = jnp.max(jnp.abs(g), axis=(1, 2), keepdims=True)
+  safe = jnp.where(gmax > 0, gmax, 1.0)
+  return gmax[:, 0, 0] * jnp.mean((g / safe) ** 4, axis=(1, 2)) ** 0.25
+
+
+def _initial_scale(roots: list[jax.Array], damping) -> tuple[jax.Array, jax.Array]:
   """(found, scale): scale = (max E[g^4] + damping^4)^(-1/8) over all matrices.
 
   The reference's rule, per matrix (so a scanned layer counts as a parameter of its
   own), computed through normalized quantities so tiny or huge gradients neither
   underflow nor overflow; `found` is False while every gradient is exactly zero.
   """
-  def fourth_moment_root(g):  # (batch, rows, cols) -> (batch,)
-    gmax = jnp.max(jnp.abs(g), axis=(1, 2), keepdims=True)
-    safe = jnp.where(gmax > 0, gmax, 1.0)
-    return gmax[:, 0, 0] * jnp.mean((g / safe) ** 4, axis=(1, 2)) ** 0.25
-
-  s = jnp.max(jnp.concatenate([fourth_moment_root(g) for g in matrices]))
+  s = functools.reduce(jnp.maximum, [jnp.max(r) for r in roots], jnp.float32(0))
   m = jnp.maximum(jnp.maximum(s, damping), fitting._TINY)
   scale = m ** -0.5 * ((s / m) ** 4 + (damping / m) ** 4) ** -0.125
   return s > 0, scale
+
+
+def _set_initial_scale(s: KronSettings, layouts, grads, factors, precond, initialized):
+  """Scale P from the first nonzero gradients: a pass over all of them, made only while
+  the scale is unset. Returns (factors, precond, initialized)."""
+  if s.init_scale is not None:
+    return factors, precond, initialized
+
+  def set_scale(carry):
+    factors, precond = carry
+    roots = _map_params(lambda lay, g: _fourth_moment_roots(layout_lib.to_matrices(g, lay)),
+                        layouts, grads)
+    found, scale = _initial_scale(jax.tree.leaves(roots), s.damping)
+    scaled = _map_params(lambda lay, fs: fitting.scale_factors(
+        s.mode, tuple(f.astype(jnp.float32) for f in fs), scale), layouts, factors)
+    scaled = jax.tree.map(lambda new, old: jnp.where(found, new, old.astype(new.dtype)),
+                          scaled, factors)
+    return (_stored(s, scaled), _cached(s, layouts, scaled)), found
+
+  (factors, precond), initialized = jax.lax.cond(
+      initialized, lambda carry: (carry, jnp.array(True)), set_scale, (factors, precond))
+  return factors, precond, initialized
+
+
+def _refit_decision(s: KronSettings, count, key) -> jax.Array:
+  prob = (s.update_probability(count) if callable(s.update_probability)
+          else s.update_probability)
+  return jax.random.uniform(key) < prob
+
+
+def _refit(s: KronSettings, layouts, targets, grad_eps, keys, balance_key, carry):
+  """One fitting step of every parameter's factors on `targets`, then, rarely, a
+  rebalancing of each pair against over/underflow. carry: (factors, lipschitz, precond)."""
+  factors, lipschitz, precond = carry
+
+  def fit_param(lay, fs, lip, h, keys, eps, pfs):
+    def fit_matrix(fs, lip, h, key, pfs):
+      return fitting.fit(s.mode, fs, lip, h, key, lr=s.preconditioner_lr,
+                         beta=s.beta_lipschitz, damping=s.damping, grad_eps=eps,
+                         p_factors=pfs or None, operand_dtype=s.fit_operand_dtype)
+    compute = tuple(f.astype(_compute_dtype(h.dtype)) for f in fs)
+    return _map_matrices(s, lay, fit_matrix, compute, lip, layout_lib.to_matrices(h, lay),
+                         keys, pfs)
+
+  with jax.default_matmul_precision(s.fit_precision):
+    fitted = _map_params(fit_param, layouts, factors, lipschitz, targets, keys, grad_eps,
+                         precond)
+  new_factors = _map_params(lambda lay, out: out[0], layouts, fitted)
+  new_lipschitz = _map_params(lambda lay, out, old: out[1].astype(old.dtype), layouts,
+                              fitted, lipschitz)
+  new_factors = jax.lax.cond(
+      jax.random.uniform(balance_key) < BALANCE_PROBABILITY,
+      lambda fs: _map_params(lambda lay, f: jax.vmap(fitting.balance)(f), layouts, fs),
+      lambda fs: fs, new_factors)
+  return _stored(s, new_factors), new_lipschitz, _cached(s, layouts, new_factors)
+
+
+def _precondition(s: KronSettings, layouts, factors, precond, mu, like):
+  """P mu per parameter, each matrix clipped to RMS max_update_rms, times the output
+  scale, in the dtype of `like` (the incoming updates)."""
+  def clipped(p_factors, x):
+    y = fitting.apply_preconditioner(p_factors, x, s.apply_operand_dtype)
+    rms = jnp.sqrt(jnp.mean(y * y))
+    return y * (s.max_update_rms / jnp.maximum(rms, s.max_update_rms))
+
+  def one(lay, fs, pfs, m, g):
+    # With bfloat16 operands the matmuls cast the stored factors themselves.
+    operands = ((lambda fs: fs) if s.apply_operand_dtype else
+                (lambda fs: tuple(f.astype(m.dtype) for f in fs)))
+    p_factors = operands(pfs) if pfs else _p_factors(s, operands(fs), s.apply_operand_dtype)
+    y = _map_matrices(s, lay, clipped, p_factors, layout_lib.to_matrices(m, lay))
+    return (layout_lib.from_matrices(y, lay) * s.output_scale).astype(g.dtype)
+
+  with jax.default_matmul_precision(s.apply_precision):
+    return _map_params(one, layouts, factors, precond, mu, like)
+
+
+# ---------------------------------------------------------- transformations
 
 
 def scale_by_kron(
@@ -225,165 +434,75 @@ def scale_by_kron(
     seed: seed of the PRNG key kept in the state.
   """
   _check_args(locals())
-  mode = preconditioner_mode
-  cache = cache_preconditioner and mode not in fitting.STORES_P
-  precond_dtype = jnp.dtype(precond_dtype or jnp.float32)
-  layout_kwargs = dict(max_size_triangular=max_size_triangular,
-                       max_skew_triangular=max_skew_triangular,
-                       min_ndim_triangular=min_ndim_triangular,
-                       memory_save_mode=memory_save_mode, block_size=block_size)
   # 'bfloat16' is what TPUs do at default precision; XLA on CPU and GPU would multiply
   # float32 operands in float32 (or TF32) regardless, so the operands are cast here.
-  fit_dtype, apply_dtype = (jnp.bfloat16 if precision == "bfloat16" else None
-                            for precision in (precond_update_precision,
-                                              precond_grads_precision))
-  fit = functools.partial(fitting.fit, mode, lr=preconditioner_lr, beta=beta_lipschitz,
-                          damping=damping, operand_dtype=fit_dtype)
-  output_scale = adam_style_scale(b1, whiten_grad) if lr_style == "adam" else 1.0
-
-  def layouts_of(tree):
-    return jax.tree.leaves(plan_layouts(tree, scanned_layers, **layout_kwargs),
-                           is_leaf=lambda x: isinstance(x, layout_lib.Layout))
-
-  def p_factors_of(fs, operand_dtype=None):
-    """P's factors of one parameter's batch of matrices."""
-    return jax.vmap(lambda *f: fitting.preconditioner_factors(mode, f, operand_dtype))(*fs)
-
-  def stored(factors):
-    """Factors in their storage dtype. They keep it between refits, so a step that
-    does not refit converts nothing but what it multiplies with."""
-    return tuple(f.astype(precond_dtype) for f in factors)
-
-  def derive(factor_list):
-    """P's factors of each parameter (float32 in, stored out) if cached, else None."""
-    return [stored(p_factors_of(fs)) for fs in factor_list] if cache else None
-
-  def map_matrices(lay, fn, *args):
-    """fn over the batch of matrices of one param: vmap, or lax.map for scanned."""
-    if lay.scanned and lax_map_scanned_layers:
-      return jax.lax.map(lambda xs: fn(*xs), args, batch_size=lax_map_batch_size)
-    return jax.vmap(fn)(*args)
+  fit_operand_dtype, apply_operand_dtype = (
+      jnp.bfloat16 if precision == "bfloat16" else None
+      for precision in (precond_update_precision, precond_grads_precision))
+  s = KronSettings(
+      b1=b1, update_probability=preconditioner_update_probability,
+      layout_options=dict(max_size_triangular=max_size_triangular,
+                          max_skew_triangular=max_skew_triangular,
+                          min_ndim_triangular=min_ndim_triangular,
+                          memory_save_mode=memory_save_mode, block_size=block_size),
+      scanned_layers=scanned_layers, mode=preconditioner_mode,
+      preconditioner_lr=preconditioner_lr, init_scale=preconditioner_init_scale,
+      cache=cache_preconditioner and preconditioner_mode not in fitting.STORES_P,
+      whiten_grad=whiten_grad,
+      output_scale=adam_style_scale(b1, whiten_grad) if lr_style == "adam" else 1.0,
+      beta_lipschitz=beta_lipschitz, damping=damping, max_update_rms=max_update_rms,
+      mu_dtype=mu_dtype, precond_dtype=jnp.dtype(precond_dtype or jnp.float32),
+      fit_precision=precond_update_precision, apply_precision=precond_grads_precision,
+      fit_operand_dtype=fit_operand_dtype, apply_operand_dtype=apply_operand_dtype,
+      lax_map=lax_map_scanned_layers, lax_map_batch_size=lax_map_batch_size, seed=seed)
 
   def init_fn(params):
-    leaves, treedef = jax.tree.flatten(params)
-    layouts = layouts_of(params)
-    init_scale = jnp.float32(preconditioner_init_scale or 1.0)
-
-    def identity_factors(lay):
-      eye = [jnp.broadcast_to(jnp.eye(d) if dense else jnp.ones(d), shape)
-             for d, dense, shape in zip(lay.block_shape, lay.dense, lay.factor_shapes())]
-      return fitting.scale_factors(mode, tuple(eye), init_scale)
-
-    mu = None
-    if b1 > 0:
-      mu = treedef.unflatten([jnp.zeros_like(p, dtype=mu_dtype or p.dtype) for p in leaves])
-    factors = [identity_factors(lay) for lay in layouts]
-    precond = derive(factors)
+    _check_floating(params)
+    layouts = s.layouts(params)
+    factors = _map_params(functools.partial(_identity_factors, s), layouts)
     return KronState(
         count=jnp.zeros([], jnp.int32),
-        key=jax.random.PRNGKey(seed),
-        mu=mu,
-        factors=treedef.unflatten([stored(fs) for fs in factors]),
-        precond=None if precond is None else treedef.unflatten(precond),
-        lipschitz=treedef.unflatten([jnp.zeros((lay.batch, 2), jnp.float32)
-                                     for lay in layouts]),
-        initialized=jnp.array(preconditioner_init_scale is not None),
+        key=jax.random.PRNGKey(s.seed),
+        mu=None if s.b1 == 0 else jax.tree.map(
+            lambda p: jnp.zeros(p.shape, s.mu_dtype or p.dtype), params),
+        factors=_slots(layouts, _stored(s, factors)),
+        precond=_slots(layouts, _cached(s, layouts, factors)) if s.cache else None,
+        lipschitz=_map_params(lambda lay: jnp.zeros((lay.batch, lay.num_factors),
+                                                    jnp.float32), layouts),
+        initialized=jnp.array(s.init_scale is not None),
         num_updates=jnp.zeros([], jnp.int32),
     )
 
   def update_fn(updates, state, params=None):
-    leaves, treedef = jax.tree.flatten(updates)
-    layouts = layouts_of(updates if params is None else params)
-    grads = [g.astype(jnp.float32) for g in leaves]
-    factors = [stored(fs) for fs in _pairs(state.factors)]
-    precond = [stored(fs) for fs in _pairs(state.precond)] if cache else None
-    lipschitz = jax.tree.leaves(state.lipschitz)
-    old_mu = jax.tree.leaves(state.mu)
+    del params  # the layouts follow the updates' shapes
+    layouts = s.layouts(updates)
+    grads = jax.tree.map(lambda g: g.astype(_compute_dtype(g.dtype)), updates)
     key, k_decide, k_balance, k_fit = jax.random.split(state.key, 4)
-
-    # Momentum, with an EMA factor that ramps up from 0 (no bias correction needed).
-    if b1 > 0:
-      beta = jnp.minimum(state.count / (state.count + 1.0), b1)
-      mu = [beta * m.astype(jnp.float32) + (1 - beta) * g
-            for m, g in zip(old_mu, grads)]
-    else:
-      mu = grads
-
-    # Scale of P from the first nonzero gradients.
-    if preconditioner_init_scale is None:
-      def set_scale(carry):  # a pass over all gradients: only until the scale is set
-        found, scale = _init_scale(
-            [layout_lib.to_matrices(g, lay) for g, lay in zip(grads, layouts)], damping)
-        scaled = [fitting.scale_factors(mode, _f32(fs), scale) for fs in carry[0]]
-        scaled = jax.tree.map(lambda a, b: jnp.where(found, a, b.astype(a.dtype)), scaled,
-                              carry[0])
-        return ([stored(fs) for fs in scaled], derive(scaled)), found
-      (factors, precond), initialized = jax.lax.cond(
-          state.initialized, lambda carry: (carry, jnp.array(True)), set_scale,
-          (factors, precond))
-    else:
-      initialized = state.initialized
-
-    # Refit the factors with some probability (never before the scale is set).
-    prob = (preconditioner_update_probability(state.count)
-            if callable(preconditioner_update_probability)
-            else preconditioner_update_probability)
-    do_update = (jax.random.uniform(k_decide) < prob) & initialized
-    targets = grads if whiten_grad else mu
-    offsets = [0]
-    for lay in layouts[:-1]:
-      offsets.append(offsets[-1] + lay.batch)
-
-    def refit(carry):
-      factors, lipschitz, precond = carry
-      do_balance = jax.random.uniform(k_balance) < BALANCE_PROBABILITY
-      new_factors, new_lipschitz = [], []
-      with jax.default_matmul_precision(precond_update_precision):
-        for i, (lay, fs, lip, h, g) in enumerate(zip(layouts, factors, lipschitz, targets,
-                                                     leaves)):
-          keys = jax.vmap(jax.random.fold_in, (None, 0))(
-              k_fit, offsets[i] + jnp.arange(lay.batch))
-          fit_one = lambda fs, lip, h, key, pfs: fit(
-              fs, lip, h, key, grad_eps=float(jnp.finfo(g.dtype).eps), p_factors=pfs)
-          fs, lip = map_matrices(lay, fit_one, _f32(fs), lip, layout_lib.to_matrices(h, lay),
-                                 keys, None if precond is None else _f32(precond[i]))
-          new_factors.append(fs)
-          new_lipschitz.append(lip)
-      new_factors = jax.lax.cond(
-          do_balance, lambda fl: [jax.vmap(fitting.balance)(fs) for fs in fl],
-          lambda fl: fl, new_factors)
-      return [stored(fs) for fs in new_factors], new_lipschitz, derive(new_factors)
-
-    factors, lipschitz, precond = jax.lax.cond(do_update, refit, lambda c: c,
-                                               (factors, lipschitz, precond))
-
-    # Precondition, clip per matrix, scale.
-    def precondition_one(p_factors, x):
-      y = fitting.apply_preconditioner(p_factors, x, apply_dtype)
-      rms = jnp.sqrt(jnp.mean(y * y))
-      return y * (max_update_rms / jnp.maximum(rms, max_update_rms))
-
-    operands = (lambda fs: fs) if apply_dtype else _f32  # _matmul casts for apply_dtype
-    out = []
-    with jax.default_matmul_precision(precond_grads_precision):
-      for i, (lay, fs, m, g) in enumerate(zip(layouts, factors, mu, leaves)):
-        p_factors = (operands(precond[i]) if cache else
-                     p_factors_of(operands(fs), apply_dtype))
-        y = map_matrices(lay, precondition_one, p_factors, layout_lib.to_matrices(m, lay))
-        out.append((layout_lib.from_matrices(y, lay) * output_scale).astype(g.dtype))
-
-    new_state = KronState(
+    mu = _momentum(s, state.count, state.mu, grads)
+    factors = _per_param(layouts, state.factors)
+    precond = (_per_param(layouts, state.precond) if s.cache else
+               _map_params(lambda lay: (), layouts))
+    factors, precond, initialized = _set_initial_scale(s, layouts, grads, factors, precond,
+                                                       state.initialized)
+    refit = _refit_decision(s, state.count, k_decide) & initialized
+    fit_on = grads if s.whiten_grad else mu
+    grad_eps = jax.tree.map(lambda g: float(jnp.finfo(g.dtype).eps), updates)
+    factors, lipschitz, precond = jax.lax.cond(
+        refit, functools.partial(_refit, s, layouts, fit_on, grad_eps,
+                                 _matrix_keys(k_fit, layouts), k_balance),
+        lambda carry: carry, (factors, state.lipschitz, precond))
+    new_updates = _precondition(s, layouts, factors, precond, mu, updates)
+    return new_updates, KronState(
         count=optax.safe_int32_increment(state.count),
         key=key,
-        mu=None if b1 == 0 else treedef.unflatten(
-            [m.astype(old.dtype) for m, old in zip(mu, old_mu)]),
-        factors=treedef.unflatten(factors),
-        precond=None if precond is None else treedef.unflatten(precond),
-        lipschitz=treedef.unflatten(lipschitz),
+        mu=None if s.b1 == 0 else jax.tree.map(lambda m, old: m.astype(old.dtype), mu,
+                                               state.mu),
+        factors=_slots(layouts, factors),
+        precond=_slots(layouts, precond) if s.cache else None,
+        lipschitz=lipschitz,
         initialized=initialized,
-        num_updates=state.num_updates + do_update.astype(jnp.int32),
+        num_updates=state.num_updates + refit.astype(jnp.int32),
     )
-    return treedef.unflatten(out), new_state
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -394,7 +513,7 @@ def _masked_weight_decay(weight_decay: float, mask: MaskOrFn) -> optax.GradientT
 
   def init_fn(params):
     if mask is not None:
-      _check_mask(mask, params, "weight_decay_mask")
+      _mask_like(mask, params, "weight_decay_mask")
     return inner.init(params)
 
   return optax.GradientTransformation(init_fn, inner.update)

@@ -40,7 +40,11 @@ class Layout:
   def block_shape(self) -> tuple[int, int]:
     return self.rows // self.row_blocks, self.cols // self.col_blocks
 
-  def factor_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+  @property
+  def num_factors(self) -> int:
+    return len(self.dense)
+
+  def factor_shapes(self) -> tuple[tuple[int, ...], ...]:
     """Shapes of the two factor arrays, with the batch axis first."""
     return tuple(
         (self.batch, d, d) if dense else (self.batch, d)
