@@ -19,14 +19,15 @@ Modes (geometry of the update; the names are the reference's):
 Everything here works on one matrix; `kron.py` maps it over layers and parameters.
 """
 
-from typing import Callable
+from typing import Callable, Literal, get_args
 
 import jax
 import jax.numpy as jnp
 
 Factors = tuple[jax.Array, jax.Array]  # each (d, d) dense or (d,) diagonal
 
-MODES = ("Q0.5EQ1.5", "EQ", "QEQ", "QUAD", "PRO4P", "QUAD4P")
+Mode = Literal["Q0.5EQ1.5", "EQ", "QEQ", "QUAD", "PRO4P", "QUAD4P"]
+MODES: tuple[str, ...] = get_args(Mode)
 STORES_P = frozenset({"PRO4P", "QUAD4P"})
 _TINY = jnp.finfo(jnp.float32).smallest_normal
 

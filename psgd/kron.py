@@ -14,8 +14,9 @@ then see one state structure from `init` on.
 
 import dataclasses
 import functools
+import inspect
 import itertools
-from typing import Any, Callable, NamedTuple, Optional, Union
+from typing import Any, Callable, Literal, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +28,8 @@ from psgd.schedules import precond_update_prob_schedule
 
 ScalarOrSchedule = Union[float, Callable[[jax.Array], jax.Array]]
 MaskOrFn = Optional[Union[Any, Callable[[Any], Any]]]
+# Names `jax.default_matmul_precision` takes; 'bfloat16' also casts operands (see below).
+Precision = Literal["default", "high", "highest", "bfloat16", "tensorfloat32", "float32"]
 
 BALANCE_PROBABILITY = 0.01
 
@@ -54,16 +57,6 @@ class KronState(NamedTuple):
   lipschitz: Any  # params tree of (batch, num_factors) float32 Lipschitz memories
   initialized: jax.Array  # bool: the preconditioner scale is set
   num_updates: jax.Array  # int32 preconditioner refits so far
-
-
-# Arguments that shape the state or the computation: Python values, never traced.
-# Pass them as `static_args` to optax.inject_hyperparams; the rest may be injected.
-STATIC_ARGS = ("b1", "max_size_triangular", "max_skew_triangular", "min_ndim_triangular",
-               "memory_save_mode", "block_size", "preconditioner_mode", "whiten_grad",
-               "lr_style", "mu_dtype", "precond_dtype", "precond_update_precision",
-               "precond_grads_precision", "scanned_layers", "lax_map_scanned_layers",
-               "lax_map_batch_size", "seed", "preconditioner_init_scale",
-               "cache_preconditioner")
 
 
 # ------------------------------------------------------------------- arguments
@@ -367,71 +360,129 @@ def _precondition(s: KronSettings, layouts, factors, precond, mu, like):
 
 
 def scale_by_kron(
+    *,
     b1: float = 0.9,
     preconditioner_update_probability: ScalarOrSchedule = precond_update_prob_schedule(),
     max_size_triangular: int = 8192,
     max_skew_triangular: float = 1.0,
     min_ndim_triangular: int = 2,
-    memory_save_mode: Optional[str] = None,
+    memory_save_mode: layout_lib.MemorySaveMode = None,
     block_size: Optional[int] = None,
     preconditioner_lr: float = 0.1,
     preconditioner_init_scale: Optional[float] = None,
-    preconditioner_mode: str = "Q0.5EQ1.5",
+    preconditioner_mode: fitting.Mode = "Q0.5EQ1.5",
     cache_preconditioner: bool = False,
     whiten_grad: bool = True,
-    lr_style: Optional[str] = "adam",
+    lr_style: Optional[Literal["adam"]] = "adam",
     beta_lipschitz: float = 0.9,
     damping: float = 1e-9,
     max_update_rms: float = 1.1,
-    mu_dtype=None,
-    precond_dtype=None,
-    precond_update_precision: Optional[str] = "tensorfloat32",
-    precond_grads_precision: Optional[str] = None,
+    mu_dtype: Optional[jax.typing.DTypeLike] = None,
+    precond_dtype: Optional[jax.typing.DTypeLike] = None,
+    precond_update_precision: Optional[Precision] = "tensorfloat32",
+    precond_grads_precision: Optional[Precision] = None,
     scanned_layers: MaskOrFn = None,
     lax_map_scanned_layers: bool = False,
     lax_map_batch_size: int = 8,
     seed: int = 0,
 ) -> optax.GradientTransformation:
-  """PSGD with Kronecker-factored whitening preconditioners (Xi-Lin Li).
+  r"""Scale updates by a Kronecker-factored PSGD preconditioner (Xi-Lin Li's PSGD Kron).
+
+  PSGD fits a preconditioner P to the gradients g so that P g g^T P ~ I, that is
+  P ~ E[g g^T]^(-1/2), the whitening preconditioner, by stochastic steps on a matrix
+  Lie group (no matrix inverses or eigendecompositions). Each parameter is seen as a
+  batch of matrices G (see `plan_layouts`), and P = P0 (x) P1 acts on one as P0 G P1;
+  each factor is a dense matrix or a diagonal, by the size rules below.
+
+  A step, in order: the momentum m (an EMA of the gradients); until it is set, the
+  scale of P from the first nonzero gradients; with probability
+  `preconditioner_update_probability`, one fitting step of every factor on the
+  gradient (or on m, see `whiten_grad`); then the output P m, clipped per matrix to
+  RMS `max_update_rms` and, with `lr_style='adam'`, scaled to Adam's update size.
+  The result is a direction to be scaled by a negative learning rate, as with
+  `optax.scale_by_adam`; `kron` adds that and weight decay.
 
   Args:
-    b1: momentum; the preconditioned direction is the momentum (0: the gradient).
-    preconditioner_update_probability: chance of refitting the factors on a step, a
-      float or a schedule of the step count (default: every step for 500 steps, then
-      annealed to 0.03). Decisions come from the key in the state, so a restored run
-      makes the same ones.
-    max_size_triangular, max_skew_triangular, min_ndim_triangular: a matrix dim gets a
-      diagonal factor if it is above max_size, if size^2 > max_skew * numel, or if the
-      parameter has fewer than min_ndim dims; otherwise a dense one.
-    memory_save_mode: None, 'one_diag' (the larger dim diagonal) or 'all_diag'.
-    block_size: cut a matrix dim larger than this into equal blocks with factors of
-      their own (None: never).
-    preconditioner_lr: step size of the factor fit.
-    preconditioner_init_scale: P starts as scale^2 * I; None sets it from the first
-      nonzero gradients.
-    preconditioner_mode: 'Q0.5EQ1.5' (default), 'EQ', 'QEQ', 'QUAD', 'PRO4P', 'QUAD4P'.
-    cache_preconditioner: keep P = Q^T Q in the state, recomputed only when Q changes,
-      instead of forming it every step: faster steps between refits, at the memory of a
-      second set of factors. A no-op for the modes that store P itself ('*4P').
-    whiten_grad: fit P on gradients (True) or on the momentum (False; then reduce the
-      learning rate by about sqrt((1 + b1) / (1 - b1))).
-    lr_style: 'adam' gives the update Adam's RMS so AdamW learning rates and weight
-      decay carry over (see `adam_style_scale`); None keeps PSGD's raw update.
-    beta_lipschitz: EMA factor of the Lipschitz memory (raise it for sparse gradients).
-    damping: noise level added before fitting; bounds P by about I / damping.
-    max_update_rms: per-matrix clip of the preconditioned update's RMS.
-    mu_dtype, precond_dtype: storage dtypes of momentum (default: the gradient's) and
-      factors (default float32). Arithmetic is float32, but see the precisions.
-    precond_update_precision, precond_grads_precision: matmul precision for fitting
-      and for applying (and forming) the preconditioner. 'bfloat16' casts those
-      matmuls' operands to bfloat16, accumulating in float32, on every backend, as TPUs
-      do at default precision: about 2x faster on CPUs with AMX (and GPUs), for a
-      rounding far below gradient noise (the fit's accuracy is tested with it).
-    scanned_layers: bool pytree (or callable of params) marking params whose leading
-      axis stacks layers; each layer gets its own factors and random keys.
-    lax_map_scanned_layers, lax_map_batch_size: map scanned layers with lax.map in
-      batches (less memory) instead of vmap.
+    b1: EMA factor of the momentum, which is what gets preconditioned (0: the
+      gradient itself). The factor ramps up as min(count / (count + 1), b1), so no
+      bias correction is needed.
+    preconditioner_update_probability: chance of a refit on each step: a float, or a
+      schedule of the step count. Default: every step for 500 steps, then annealed to
+      0.03 (`precond_update_prob_schedule`). The draws come from the key in the state,
+      so a restored run makes the same decisions.
+    max_size_triangular: a matrix dim larger than this gets a diagonal factor.
+    max_skew_triangular: a dim of size d gets a diagonal factor if d^2 exceeds this
+      times the matrix's number of elements (1.0: only the smaller dim of a
+      non-square matrix is dense; inf: both).
+    min_ndim_triangular: parameters with fewer dims get diagonal factors only.
+    memory_save_mode: None (the rules above), 'one_diag' (the larger dim diagonal) or
+      'all_diag' (every factor diagonal, Adam-like memory).
+    block_size: cut a matrix dim larger than this into equal blocks, each with
+      factors of its own (None: never).
+    preconditioner_lr: step size of the factor fit (relative to the Lipschitz bound).
+    preconditioner_init_scale: P starts as this squared times I; None sets it once
+      from the first nonzero gradients, as (max E[g^4] + damping^4)^(-1/4).
+    preconditioner_mode: the geometry of the factor fit, by the reference's names:
+      'Q0.5EQ1.5' (default; Q kept near symmetric by Procrustes steps), 'EQ' (the
+      original triangular Q), 'QEQ', 'QUAD' (a quadratic form), 'PRO4P' and 'QUAD4P'
+      (which store P itself). See `psgd.fitting`.
+    cache_preconditioner: keep P's factors (Q^T Q) in the state, recomputed only when
+      Q changes: faster steps between refits for the memory of a second set of
+      factors. A no-op for the modes that store P.
+    whiten_grad: fit P on the gradients (True) or on the momentum (False; then scale
+      the learning rate down by about sqrt((1 + b1) / (1 - b1)), or use lr_style).
+    lr_style: 'adam' multiplies the output so its RMS matches Adam's, so AdamW's
+      learning rate and weight decay carry over (see `adam_style_scale`: a no-op when
+      whiten_grad=True); None keeps PSGD's raw output.
+    beta_lipschitz: EMA factor of each factor's Lipschitz bound, which sets the fit's
+      step (raise it for sparse gradients).
+    damping: scale of the noise added to the fitting target; it bounds P above by
+      about I / damping and keeps the fit well posed for zero or low-rank gradients.
+    max_update_rms: each matrix of the output is scaled down to at most this RMS.
+    mu_dtype: storage dtype of the momentum (None: the gradient's).
+    precond_dtype: storage dtype of the factors (None: float32). Arithmetic is
+      float32 (float64 for float64 gradients) whatever the storage.
+    precond_update_precision: matmul precision of the fit, as for
+      `jax.default_matmul_precision`; 'bfloat16' also casts the operands to bfloat16
+      (float32 accumulation) on every backend, as TPUs do by default.
+    precond_grads_precision: the same for forming and applying P.
+    scanned_layers: a tree of bools shaped like the params (or a callable of the
+      params returning one) marking params whose leading axis stacks layers: each
+      layer then gets factors and random draws of its own.
+    lax_map_scanned_layers: map the scanned layers with `jax.lax.map` (less memory)
+      instead of `jax.vmap`.
+    lax_map_batch_size: layers per `jax.lax.map` batch.
     seed: seed of the PRNG key kept in the state.
+
+  Returns:
+    An `optax.GradientTransformation` whose state is a `KronState`. Its per-parameter
+    fields are trees with the params' structure whose leaves are arrays, so it works
+    under `optax.masked`, `optax.MultiSteps`, `optax.apply_if_finite` and
+    `nnx.Optimizer`; `psgd.state_partition_specs` gives its shardings.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax, psgd
+    >>> params = {"w": jnp.ones((4, 3)), "b": jnp.zeros(3)}
+    >>> tx = optax.chain(psgd.scale_by_kron(), optax.scale_by_learning_rate(1e-3))
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(params, state, params)
+    >>> jax.tree.map(jnp.shape, updates)
+    {'b': (3,), 'w': (4, 3)}
+    >>> [f["w"].shape for f in state[0].factors]  # (4, 3): diag(4) (x) dense(3)
+    [(1, 4), (1, 3, 3)]
+
+  References:
+    Li, `Preconditioned Stochastic Gradient Descent
+    <https://arxiv.org/abs/1512.04202>`_, 2015.
+
+    Li, `Preconditioner on Matrix Lie Group for SGD
+    <https://arxiv.org/abs/1809.10232>`_, 2018.
+
+    Li, `Stochastic Hessian Fittings with Lie Groups
+    <https://arxiv.org/abs/2402.11858>`_, 2024.
+
+    Li, `psgd_torch <https://github.com/lixilinx/psgd_torch>`_, the reference
+    implementation (its Kron class and preconditioner fitting rules).
   """
   _check_args(locals())
   # 'bfloat16' is what TPUs do at default precision; XLA on CPU and GPU would multiply
@@ -521,6 +572,7 @@ def _masked_weight_decay(weight_decay: float, mask: MaskOrFn) -> optax.GradientT
 
 def kron(
     learning_rate: ScalarOrSchedule = 3e-4,
+    *,
     b1: float = 0.9,
     weight_decay: float = 0.0,
     weight_decay_mask: MaskOrFn = None,
@@ -528,31 +580,100 @@ def kron(
     max_size_triangular: int = 8192,
     max_skew_triangular: float = 1.0,
     min_ndim_triangular: int = 2,
-    memory_save_mode: Optional[str] = None,
+    memory_save_mode: layout_lib.MemorySaveMode = None,
     block_size: Optional[int] = None,
     preconditioner_lr: float = 0.1,
     preconditioner_init_scale: Optional[float] = None,
-    preconditioner_mode: str = "Q0.5EQ1.5",
+    preconditioner_mode: fitting.Mode = "Q0.5EQ1.5",
     cache_preconditioner: bool = False,
     whiten_grad: bool = True,
-    lr_style: Optional[str] = "adam",
+    lr_style: Optional[Literal["adam"]] = "adam",
     beta_lipschitz: float = 0.9,
     damping: float = 1e-9,
     max_update_rms: float = 1.1,
-    mu_dtype=None,
-    precond_dtype=None,
-    precond_update_precision: Optional[str] = "tensorfloat32",
-    precond_grads_precision: Optional[str] = None,
+    mu_dtype: Optional[jax.typing.DTypeLike] = None,
+    precond_dtype: Optional[jax.typing.DTypeLike] = None,
+    precond_update_precision: Optional[Precision] = "tensorfloat32",
+    precond_grads_precision: Optional[Precision] = None,
     scanned_layers: MaskOrFn = None,
     lax_map_scanned_layers: bool = False,
     lax_map_batch_size: int = 8,
     seed: int = 0,
 ) -> optax.GradientTransformation:
-  """PSGD Kron with decoupled weight decay and a learning rate (float or schedule).
+  """PSGD Kron: the Kronecker-factored PSGD preconditioner, weight decay, learning rate.
 
-  The other arguments are `scale_by_kron`'s (spelled out so that
-  `optax.inject_hyperparams(kron)` sees them). With the default lr_style='adam',
-  AdamW's learning rate and weight decay are good starting values.
+  `scale_by_kron`, then decoupled weight decay (`optax.add_decayed_weights`, added
+  only when weight_decay is not 0), then `optax.scale_by_learning_rate`. With the
+  default lr_style='adam', AdamW's learning rate and weight decay are good starting
+  values.
+
+  Args:
+    learning_rate: a float or a schedule of the step count.
+    b1: EMA factor of the momentum (see `scale_by_kron`).
+    weight_decay: decoupled weight decay, applied after the preconditioner, so it is
+      not preconditioned (as in AdamW).
+    weight_decay_mask: a tree of bools shaped like the params (or a callable of the
+      params returning one): True where weight decay applies. None: everywhere.
+    preconditioner_update_probability: see `scale_by_kron`.
+    max_size_triangular: see `scale_by_kron`.
+    max_skew_triangular: see `scale_by_kron`.
+    min_ndim_triangular: see `scale_by_kron`.
+    memory_save_mode: see `scale_by_kron`.
+    block_size: see `scale_by_kron`.
+    preconditioner_lr: see `scale_by_kron`.
+    preconditioner_init_scale: see `scale_by_kron`.
+    preconditioner_mode: see `scale_by_kron`.
+    cache_preconditioner: see `scale_by_kron`.
+    whiten_grad: see `scale_by_kron`.
+    lr_style: see `scale_by_kron`.
+    beta_lipschitz: see `scale_by_kron`.
+    damping: see `scale_by_kron`.
+    max_update_rms: see `scale_by_kron`.
+    mu_dtype: see `scale_by_kron`.
+    precond_dtype: see `scale_by_kron`.
+    precond_update_precision: see `scale_by_kron`.
+    precond_grads_precision: see `scale_by_kron`.
+    scanned_layers: see `scale_by_kron`.
+    lax_map_scanned_layers: see `scale_by_kron`.
+    lax_map_batch_size: see `scale_by_kron`.
+    seed: see `scale_by_kron`.
+
+  Every argument is spelled out (none hidden in **kwargs) so that
+  `optax.inject_hyperparams(psgd.kron, static_args=psgd.STATIC_ARGS)` can inject or
+  schedule the ones in `psgd.HYPERPARAMS`.
+
+  Returns:
+    An `optax.GradientTransformation`: an `optax.chain` whose first state is a
+    `KronState`.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax, psgd
+    >>> def loss(params):
+    ...   return sum(jnp.sum((x - 1.0) ** 2) for x in jax.tree.leaves(params))
+    >>> params = {"w": jnp.zeros((4, 3)), "b": jnp.zeros(3)}
+    >>> tx = psgd.kron(learning_rate=0.1)
+    >>> @jax.jit
+    ... def step(params, state):
+    ...   updates, state = tx.update(jax.grad(loss)(params), state, params)
+    ...   return optax.apply_updates(params, updates), state
+    >>> state = tx.init(params)
+    >>> for _ in range(100):
+    ...   params, state = step(params, state)
+    >>> bool(loss(params) < 0.01 * 15.0)  # from 15 at zero
+    True
+
+  References:
+    Li, `Preconditioned Stochastic Gradient Descent
+    <https://arxiv.org/abs/1512.04202>`_, 2015.
+
+    Li, `Preconditioner on Matrix Lie Group for SGD
+    <https://arxiv.org/abs/1809.10232>`_, 2018.
+
+    Li, `Stochastic Hessian Fittings with Lie Groups
+    <https://arxiv.org/abs/2402.11858>`_, 2024.
+
+    Li, `psgd_torch <https://github.com/lixilinx/psgd_torch>`_, the reference
+    implementation.
   """
   # Only plain numbers are checked: under optax.inject_hyperparams they are arrays.
   if isinstance(learning_rate, (int, float)) and learning_rate < 0:
@@ -577,3 +698,12 @@ def kron(
     parts.append(_masked_weight_decay(weight_decay, weight_decay_mask))
   parts.append(optax.scale_by_learning_rate(learning_rate))
   return optax.chain(*parts)
+
+
+# The arguments of `kron` that may be arrays: optax.inject_hyperparams can inject or
+# schedule them. Every other argument shapes the state or the traced computation
+# (Python control flow, shapes, dtypes, masks that are callables), so it must be static.
+HYPERPARAMS = ("learning_rate", "weight_decay", "preconditioner_update_probability",
+               "preconditioner_lr", "beta_lipschitz", "damping", "max_update_rms")
+STATIC_ARGS = tuple(name for name in inspect.signature(kron).parameters
+                    if name not in HYPERPARAMS)

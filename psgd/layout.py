@@ -12,11 +12,12 @@ Each of the two matrix dims then gets a dense (d, d) or a diagonal (d,) factor.
 
 import dataclasses
 import math
-from typing import Optional
+from typing import Literal, Optional, get_args
 
 import jax.numpy as jnp
 
-MEMORY_SAVE_MODES = (None, "one_diag", "all_diag")
+MemorySaveMode = Optional[Literal["one_diag", "all_diag"]]
+MEMORY_SAVE_MODES = (None, *get_args(get_args(MemorySaveMode)[0]))
 
 
 @dataclasses.dataclass(frozen=True)
