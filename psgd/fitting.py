@@ -210,8 +210,11 @@ _RULES: dict[str, Callable] = {
 
 def fit(mode: str, factors: Factors, lipschitz: jax.Array, h: jax.Array, key: jax.Array, *,
         lr: float, beta: float, damping: float, grad_eps: float,
-        p_factors: Factors | None = None, operand_dtype=None) -> tuple[Factors, jax.Array]:
+        p_factors: Factors | None = None, operand_dtype=None,
+        fitted: tuple[bool, bool] = (True, True)) -> tuple[Factors, jax.Array]:
   """One fitting step of the factors (and their Lipschitz memory, shape (2,)) on h.
+
+  Factor k moves only if fitted[k] (`Layout.fitted`: a size-1 dim's factor stays).
 
   h (the gradient or momentum, float32) is damped with noise of size
   damping + grad_eps * |h|, which bounds P above by about I / damping and keeps the
@@ -222,7 +225,7 @@ def fit(mode: str, factors: Factors, lipschitz: jax.Array, h: jax.Array, key: ja
   """
   if mode == "EQ":
     return _fit_eq(factors, lipschitz, h, key, lr=lr, beta=beta, damping=damping,
-                   grad_eps=grad_eps, operand_dtype=operand_dtype)
+                   grad_eps=grad_eps, operand_dtype=operand_dtype, fitted=fitted)
   k_noise, k_norm, k_rule = jax.random.split(key, 3)
   h = h + (damping + grad_eps * jnp.abs(h)) * _rank_one_noise(k_noise, h.shape, h.dtype)
   if p_factors is None:
@@ -230,6 +233,10 @@ def fit(mode: str, factors: Factors, lipschitz: jax.Array, h: jax.Array, key: ja
   pg = apply_preconditioner(p_factors, h, operand_dtype)
   new_factors, new_lipschitz = [], []
   for k, f in enumerate(factors):
+    if not fitted[k]:
+      new_factors.append(f)
+      new_lipschitz.append(lipschitz[k])
+      continue
     dense = f.ndim == 2
     t1 = _gram(pg, k, dense, operand_dtype)
     t2 = pg.size / pg.shape[k]
@@ -241,7 +248,8 @@ def fit(mode: str, factors: Factors, lipschitz: jax.Array, h: jax.Array, key: ja
   return tuple(new_factors), jnp.stack(new_lipschitz)
 
 
-def _fit_eq(factors, lipschitz, h, key, *, lr, beta, damping, grad_eps, operand_dtype):
+def _fit_eq(factors, lipschitz, h, key, *, lr, beta, damping, grad_eps, operand_dtype,
+            fitted):
   """dQ = E Q with triangular Q: fits Q h h^T Q^T against Q^-T v v^T Q^-1 for probe v."""
   k_probe, k_norm = jax.random.split(key)
   v = jax.random.normal(k_probe, h.shape, h.dtype)
@@ -255,6 +263,10 @@ def _fit_eq(factors, lipschitz, h, key, *, lr, beta, damping, grad_eps, operand_
        jax.scipy.linalg.solve_triangular(q1, b.T, trans=1, lower=False).T)  # ... Q1^-1
   new_factors, new_lipschitz = [], []
   for k, f in enumerate(factors):
+    if not fitted[k]:
+      new_factors.append(f)
+      new_lipschitz.append(lipschitz[k])
+      continue
     dense = f.ndim == 2
     t1, t2 = _gram(a, k, dense, operand_dtype), _gram(b, k, dense, operand_dtype)
     bound = (norm_lower_bound_spd(t1 + t2, jax.random.fold_in(k_norm, k)) if dense else

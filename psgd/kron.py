@@ -54,7 +54,7 @@ class KronState(NamedTuple):
   mu: Any  # momentum, or None when b1 == 0
   factors: tuple  # per factor slot k, a params tree of factor k: (batch, d, d) or (batch, d)
   precond: Any  # P's factors, shaped like `factors` (cache_preconditioner), or None
-  lipschitz: Any  # params tree of (batch, num_factors) float32 Lipschitz memories
+  lipschitz: Any  # params tree of (batch, num_factors) Lipschitz memories, compute dtype
   initialized: jax.Array  # bool: the preconditioner scale is set
   num_updates: jax.Array  # int32 preconditioner refits so far
 
@@ -318,7 +318,8 @@ def _refit(s: KronSettings, layouts, targets, grad_eps, keys, balance_key, carry
     def fit_matrix(fs, lip, h, key, pfs):
       return fitting.fit(s.mode, fs, lip, h, key, lr=s.preconditioner_lr,
                          beta=s.beta_lipschitz, damping=s.damping, grad_eps=eps,
-                         p_factors=pfs or None, operand_dtype=s.fit_operand_dtype)
+                         p_factors=pfs or None, operand_dtype=s.fit_operand_dtype,
+                         fitted=lay.fitted)
     compute = tuple(f.astype(_compute_dtype(h.dtype)) for f in fs)
     return _map_matrices(s, lay, fit_matrix, compute, lip, layout_lib.to_matrices(h, lay),
                          keys, pfs)
@@ -518,8 +519,8 @@ def scale_by_kron(
             lambda p: jnp.zeros(p.shape, s.mu_dtype or p.dtype), params),
         factors=_slots(layouts, _stored(s, factors)),
         precond=_slots(layouts, _cached(s, layouts, factors)) if s.cache else None,
-        lipschitz=_map_params(lambda lay: jnp.zeros((lay.batch, lay.num_factors),
-                                                    jnp.float32), layouts),
+        lipschitz=_map_params(lambda lay, p: jnp.zeros(
+            (lay.batch, lay.num_factors), _compute_dtype(p.dtype)), layouts, params),
         initialized=jnp.array(s.init_scale is not None),
         num_updates=jnp.zeros([], jnp.int32),
     )

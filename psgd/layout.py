@@ -4,7 +4,8 @@ Every parameter becomes an array of shape (batch, rows, cols):
   * a leading layer axis of a scanned parameter becomes the batch axis, so each
     layer gets its own preconditioner;
   * the remaining dims are merged into the most square (rows, cols) split, with no
-    padding (a scalar is (1, 1), a vector (1, n)), as in quad-torch;
+    padding (a scalar is (1, 1), a vector (1, n)), as in quad-torch; the factor of a
+    size-1 dim is never fitted, so a vector has one diagonal factor, as in psgd_torch;
   * optionally a huge rows/cols dim is cut into equal blocks, each block becoming
     one more batch entry with factors of its own.
 Each of the two matrix dims then gets a dense (d, d) or a diagonal (d,) factor.
@@ -40,6 +41,15 @@ class Layout:
   @property
   def block_shape(self) -> tuple[int, int]:
     return self.rows // self.row_blocks, self.cols // self.col_blocks
+
+  @property
+  def fitted(self) -> tuple[bool, bool]:
+    """Which factors the fit moves. A size-1 dim's factor stays fixed (the other one
+    carries the scale), so a vector, laid out as (1, n), is fitted by one diagonal
+    factor as in the reference, not by two that both fit its overall scale. A (1, 1)
+    scalar keeps its second factor fitted."""
+    rows, cols = self.block_shape
+    return rows > 1, cols > 1 or rows == 1
 
   @property
   def num_factors(self) -> int:
