@@ -6,12 +6,13 @@ Xi-Lin Li, "Preconditioned Stochastic Gradient Descent" (arXiv:1512.04202),
 """
 
 from psgd.fitting import MODES
-from psgd.kron import STATIC_ARGS, KronState, kron, layout_table, plan_layouts, scale_by_kron
+from psgd.kron import (HYPERPARAMS, STATIC_ARGS, KronState, kron, layout_table, plan_layouts,
+                       scale_by_kron)
 from psgd.layout import Layout
 from psgd.schedules import precond_update_prob_schedule
 from psgd.sharding import state_partition_specs
 
 __all__ = [
-    "MODES", "STATIC_ARGS", "KronState", "Layout", "kron", "layout_table", "plan_layouts",
+    "HYPERPARAMS", "MODES", "STATIC_ARGS", "KronState", "Layout", "kron", "layout_table", "plan_layouts",
     "precond_update_prob_schedule", "scale_by_kron", "state_partition_specs",
 ]

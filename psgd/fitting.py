@@ -19,14 +19,15 @@ Modes (geometry of the update; the names are the reference's):
 Everything here works on one matrix; `kron.py` maps it over layers and parameters.
 """
 
-from typing import Callable
+from typing import Callable, Literal, get_args
 
 import jax
 import jax.numpy as jnp
 
 Factors = tuple[jax.Array, jax.Array]  # each (d, d) dense or (d,) diagonal
 
-MODES = ("Q0.5EQ1.5", "EQ", "QEQ", "QUAD", "PRO4P", "QUAD4P")
+Mode = Literal["Q0.5EQ1.5", "EQ", "QEQ", "QUAD", "PRO4P", "QUAD4P"]
+MODES: tuple[str, ...] = get_args(Mode)
 STORES_P = frozenset({"PRO4P", "QUAD4P"})
 _TINY = jnp.finfo(jnp.float32).smallest_normal
 
@@ -139,7 +140,7 @@ def balance(factors: Factors) -> Factors:
   return tuple(f * (gmean / (n + _TINY)) for f, n in zip(factors, norms))
 
 
-def _rank_one_noise(key: jax.Array, shape: tuple[int, int]) -> jax.Array:
+def _rank_one_noise(key: jax.Array, shape: tuple[int, int], dtype) -> jax.Array:
   """u v^T with u, v standard normal.
 
   Its second moments along each dim equal those of i.i.d. normal noise (E[N N^T] =
@@ -147,7 +148,8 @@ def _rank_one_noise(key: jax.Array, shape: tuple[int, int]) -> jax.Array:
   instead of rows * cols.
   """
   ku, kv = jax.random.split(key)
-  return jax.random.normal(ku, (shape[0], 1)) * jax.random.normal(kv, (1, shape[1]))
+  return (jax.random.normal(ku, (shape[0], 1), dtype) *
+          jax.random.normal(kv, (1, shape[1]), dtype))
 
 
 def _lipschitz(ell: jax.Array, old: jax.Array, beta: float) -> jax.Array:
@@ -208,8 +210,11 @@ _RULES: dict[str, Callable] = {
 
 def fit(mode: str, factors: Factors, lipschitz: jax.Array, h: jax.Array, key: jax.Array, *,
         lr: float, beta: float, damping: float, grad_eps: float,
-        p_factors: Factors | None = None, operand_dtype=None) -> tuple[Factors, jax.Array]:
+        p_factors: Factors | None = None, operand_dtype=None,
+        fitted: tuple[bool, bool] = (True, True)) -> tuple[Factors, jax.Array]:
   """One fitting step of the factors (and their Lipschitz memory, shape (2,)) on h.
+
+  Factor k moves only if fitted[k] (`Layout.fitted`: a size-1 dim's factor stays).
 
   h (the gradient or momentum, float32) is damped with noise of size
   damping + grad_eps * |h|, which bounds P above by about I / damping and keeps the
@@ -220,14 +225,18 @@ def fit(mode: str, factors: Factors, lipschitz: jax.Array, h: jax.Array, key: ja
   """
   if mode == "EQ":
     return _fit_eq(factors, lipschitz, h, key, lr=lr, beta=beta, damping=damping,
-                   grad_eps=grad_eps, operand_dtype=operand_dtype)
+                   grad_eps=grad_eps, operand_dtype=operand_dtype, fitted=fitted)
   k_noise, k_norm, k_rule = jax.random.split(key, 3)
-  h = h + (damping + grad_eps * jnp.abs(h)) * _rank_one_noise(k_noise, h.shape)
+  h = h + (damping + grad_eps * jnp.abs(h)) * _rank_one_noise(k_noise, h.shape, h.dtype)
   if p_factors is None:
     p_factors = preconditioner_factors(mode, factors, operand_dtype)
   pg = apply_preconditioner(p_factors, h, operand_dtype)
   new_factors, new_lipschitz = [], []
   for k, f in enumerate(factors):
+    if not fitted[k]:
+      new_factors.append(f)
+      new_lipschitz.append(lipschitz[k])
+      continue
     dense = f.ndim == 2
     t1 = _gram(pg, k, dense, operand_dtype)
     t2 = pg.size / pg.shape[k]
@@ -239,10 +248,11 @@ def fit(mode: str, factors: Factors, lipschitz: jax.Array, h: jax.Array, key: ja
   return tuple(new_factors), jnp.stack(new_lipschitz)
 
 
-def _fit_eq(factors, lipschitz, h, key, *, lr, beta, damping, grad_eps, operand_dtype):
+def _fit_eq(factors, lipschitz, h, key, *, lr, beta, damping, grad_eps, operand_dtype,
+            fitted):
   """dQ = E Q with triangular Q: fits Q h h^T Q^T against Q^-T v v^T Q^-1 for probe v."""
   k_probe, k_norm = jax.random.split(key)
-  v = jax.random.normal(k_probe, h.shape)
+  v = jax.random.normal(k_probe, h.shape, h.dtype)
   h = h + (damping + grad_eps * jnp.abs(h)) * v
   q0, q1 = factors
   a = _right(_left(q0, h, operand_dtype), q1.T if q1.ndim == 2 else q1,
@@ -253,6 +263,10 @@ def _fit_eq(factors, lipschitz, h, key, *, lr, beta, damping, grad_eps, operand_
        jax.scipy.linalg.solve_triangular(q1, b.T, trans=1, lower=False).T)  # ... Q1^-1
   new_factors, new_lipschitz = [], []
   for k, f in enumerate(factors):
+    if not fitted[k]:
+      new_factors.append(f)
+      new_lipschitz.append(lipschitz[k])
+      continue
     dense = f.ndim == 2
     t1, t2 = _gram(a, k, dense, operand_dtype), _gram(b, k, dense, operand_dtype)
     bound = (norm_lower_bound_spd(t1 + t2, jax.random.fold_in(k_norm, k)) if dense else

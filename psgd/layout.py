@@ -4,7 +4,8 @@ Every parameter becomes an array of shape (batch, rows, cols):
   * a leading layer axis of a scanned parameter becomes the batch axis, so each
     layer gets its own preconditioner;
   * the remaining dims are merged into the most square (rows, cols) split, with no
-    padding (a scalar is (1, 1), a vector (1, n)), as in quad-torch;
+    padding (a scalar is (1, 1), a vector (1, n)), as in quad-torch; the factor of a
+    size-1 dim is never fitted, so a vector has one diagonal factor, as in psgd_torch;
   * optionally a huge rows/cols dim is cut into equal blocks, each block becoming
     one more batch entry with factors of its own.
 Each of the two matrix dims then gets a dense (d, d) or a diagonal (d,) factor.
@@ -12,11 +13,12 @@ Each of the two matrix dims then gets a dense (d, d) or a diagonal (d,) factor.
 
 import dataclasses
 import math
-from typing import Optional
+from typing import Literal, Optional, get_args
 
 import jax.numpy as jnp
 
-MEMORY_SAVE_MODES = (None, "one_diag", "all_diag")
+MemorySaveMode = Optional[Literal["one_diag", "all_diag"]]
+MEMORY_SAVE_MODES = (None, *get_args(get_args(MemorySaveMode)[0]))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +42,20 @@ class Layout:
   def block_shape(self) -> tuple[int, int]:
     return self.rows // self.row_blocks, self.cols // self.col_blocks
 
-  def factor_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+  @property
+  def fitted(self) -> tuple[bool, bool]:
+    """Which factors the fit moves. A size-1 dim's factor stays fixed (the other one
+    carries the scale), so a vector, laid out as (1, n), is fitted by one diagonal
+    factor as in the reference, not by two that both fit its overall scale. A (1, 1)
+    scalar keeps its second factor fitted."""
+    rows, cols = self.block_shape
+    return rows > 1, cols > 1 or rows == 1
+
+  @property
+  def num_factors(self) -> int:
+    return len(self.dense)
+
+  def factor_shapes(self) -> tuple[tuple[int, ...], ...]:
     """Shapes of the two factor arrays, with the batch axis first."""
     return tuple(
         (self.batch, d, d) if dense else (self.batch, d)

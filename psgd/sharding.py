@@ -2,12 +2,12 @@
 
 The rule (each state leaf of a parameter with spec `ps`):
   * momentum: `ps`, like its parameter;
-  * factors, shape (batch, d, d) or (batch, d): the batch axis takes the spec of the
+  * factors (one params-shaped tree per factor slot), each (batch, d, d) or (batch, d): the batch axis takes the spec of the
     parameter's first dim when it is the layer axis (batch == shape[0] > 1), else None;
     the first d axis is spread over the remaining mesh axes, largest first, taking each
     axis whose size still divides d, so that no device holds every factor;
   * cached P factors (cache_preconditioner): as the factors;
-  * Lipschitz memory (batch, 2): the batch axis as above;
+  * Lipschitz memory (batch, number of factors): the batch axis as above;
   * step count, key and flags: replicated.
 Any other leaf of an optax chain around `scale_by_kron` (e.g. a schedule's count) is a
 scalar and replicated.
@@ -39,32 +39,34 @@ def _spread(d: int, mesh_shape: dict[str, int], taken: tuple[str, ...]):
   return chosen[0] if len(chosen) == 1 else tuple(chosen)
 
 
-def _param_state_specs(param, spec: P, factors, mesh_shape):
-  batch = factors[0].shape[0]
+def _batch_spec(param, spec: P, lipschitz) -> P:
+  """P(entry) for the factors' batch axis: the param's first dim's entry if that dim is
+  the layer axis (batch == shape[0] > 1), else None. (A PartitionSpec is a pytree leaf,
+  a bare entry such as None or a tuple of axis names would not be.)"""
+  batch = lipschitz.shape[0]
   first = spec[0] if len(spec) > 0 else None
-  batch_entry = first if (param.ndim > 0 and batch == param.shape[0] and batch > 1) else None
-  taken = _axis_names(batch_entry)
-  factor_specs = tuple(P(batch_entry, _spread(f.shape[1], mesh_shape, taken),
-                         *([None] * (f.ndim - 2))) for f in factors)
-  return factor_specs, P(batch_entry, None)
+  return P(first if (param.ndim > 0 and batch == param.shape[0] and batch > 1) else None)
 
 
 def kron_state_specs(state: KronState, params, param_specs, mesh) -> KronState:
   """KronState of PartitionSpecs for `state` (arrays or ShapeDtypeStructs)."""
   mesh_shape = dict(mesh.shape)
-  treedef = jax.tree.structure(params)
-  per_param = [
-      _param_state_specs(p, s, f, mesh_shape) for p, s, f in zip(
-          jax.tree.leaves(params), treedef.flatten_up_to(param_specs),
-          treedef.flatten_up_to(state.factors))
-  ]
-  factor_specs = treedef.unflatten([f for f, _ in per_param])
+  batch_specs = jax.tree.map(_batch_spec, params, param_specs, state.lipschitz)
+
+  def factor_spec(batch_spec, factor):
+    spread = _spread(factor.shape[1], mesh_shape, _axis_names(batch_spec[0]))
+    return P(batch_spec[0], spread, *([None] * (factor.ndim - 2)))
+
+  def slot_specs(slots):
+    return tuple(jax.tree.map(factor_spec, batch_specs, slot) for slot in slots)
+
+  factor_specs = slot_specs(state.factors)
   return KronState(
       count=P(), key=P(),
       mu=None if state.mu is None else param_specs,
       factors=factor_specs,
-      precond=None if state.precond is None else factor_specs,
-      lipschitz=treedef.unflatten([lip for _, lip in per_param]),
+      precond=None if state.precond is None else slot_specs(state.precond),
+      lipschitz=jax.tree.map(lambda b, _: P(b[0], None), batch_specs, state.lipschitz),
       initialized=P(), num_updates=P())
 
 

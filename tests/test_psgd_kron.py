@@ -89,7 +89,7 @@ def test_scanned_layers_get_different_random_keys():
   params = {"w": jnp.ones((2, 5, 5))}
   state = tx.init(params)
   _, state = tx.update(params, state)
-  q = state.factors["w"][0]
+  q = state.factors[0]["w"]
   assert not np.allclose(q[0], q[1])
 
 
@@ -108,7 +108,8 @@ def test_cached_preconditioner_matches_recomputing_it(mode):
   for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(cached)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
   # (8, 6) per layer: a diagonal and a dense factor.
-  for q, p in zip(cached_state[0].factors["w"], cached_state[0].precond["w"]):
+  for q, p in zip(*([slot["w"] for slot in field] for field in
+                     (cached_state[0].factors, cached_state[0].precond))):
     expected = q * q if q.ndim == 2 else jnp.einsum("bji,bjk->bik", q, q)
     np.testing.assert_allclose(p, expected, rtol=1e-5, atol=1e-6)
 
@@ -174,7 +175,7 @@ def test_bf16_state_stays_finite_on_ill_conditioned_problem():
                  preconditioner_update_probability=1.0)
   params = {"w": jnp.ones((16, 32)), "b": jnp.ones((32,))}
   params, state = run_steps(tx, params, grad_fn, 3000)
-  assert state[0].factors["w"][1].dtype == jnp.bfloat16
+  assert state[0].factors[1]["w"].dtype == jnp.bfloat16
   assert state[0].mu["w"].dtype == jnp.bfloat16
   for leaf in jax.tree.leaves((params, state)):
     if jnp.issubdtype(leaf.dtype, jnp.floating):
@@ -243,7 +244,7 @@ def test_probability_zero_never_updates_the_preconditioner():
   params = {"w": jnp.ones((6, 6))}
   _, state = run_steps(tx, params, lambda p: {"w": p["w"] * 2 + 1}, 30)
   assert int(state[0].num_updates) == 0
-  np.testing.assert_array_equal(state[0].factors["w"][0][0], jnp.eye(6))
+  np.testing.assert_array_equal(state[0].factors[0]["w"][0], jnp.eye(6))
 
 
 def test_update_decisions_are_deterministic_given_the_seed():
@@ -255,7 +256,7 @@ def test_update_decisions_are_deterministic_given_the_seed():
   assert int(runs[0].num_updates) == int(runs[1].num_updates)
   for a, b in zip(jax.tree.leaves(runs[0]), jax.tree.leaves(runs[1])):
     np.testing.assert_array_equal(a, b)
-  assert not np.array_equal(runs[0].factors["w"][1], runs[2].factors["w"][1])
+  assert not np.array_equal(runs[0].factors[1]["w"], runs[2].factors[1]["w"])
 
 
 def test_default_schedule_anneals_to_the_floor():

@@ -32,9 +32,9 @@ def test_state_specs_spread_factors_and_jit_matches_one_device():
   kron_specs = specs[0]
   assert kron_specs.mu == param_specs
   # embed (64, 32): diag(64) x dense(32); dense factor spread over both axes (32 % 8 == 0).
-  assert kron_specs.factors["embed"][1] == P(None, ("fsdp", "tensor"), None)
+  assert kron_specs.factors[1]["embed"] == P(None, ("fsdp", "tensor"), None)
   # layers: batch axis is the layer axis -> 'fsdp'; factors spread over what is left.
-  assert kron_specs.factors["layers"][0] == P("fsdp", "tensor", None)
+  assert kron_specs.factors[0]["layers"] == P("fsdp", "tensor", None)
   assert kron_specs.lipschitz["layers"] == P("fsdp", None)
   assert kron_specs.count == P()
   cached = psgd.kron(1e-2, scanned_layers={"embed": False, "layers": True, "norm": False},
@@ -63,7 +63,7 @@ def test_state_specs_spread_factors_and_jit_matches_one_device():
   p_sharded, s_sharded = train(sharded_params, 5, shardings, shardings)
   p_single, _ = train(make_params(), 5)
 
-  dense = s_sharded[0].factors["layers"][0]
+  dense = s_sharded[0].factors[0]["layers"]
   assert dense.sharding.spec == P("fsdp", "tensor", None)
   shard_shape = dense.addressable_shards[0].data.shape
   assert math.prod(shard_shape) * 8 == math.prod(dense.shape)  # no device holds all
