@@ -55,7 +55,7 @@ class _Damaged(Exception):
 
 
 def _path_str(path) -> str:
-  """A key path as Orbax names the saved array ('opt_state.1.0.factors.w.0')."""
+  """A key path as Orbax names the saved array ('opt_state.1.0.factors.0.w')."""
   return ".".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
                   for k in path)
 
