@@ -122,3 +122,25 @@ def partition_specs(params_state: nnx.State, rules: AxisRules) -> nnx.State:
   """Each parameter's PartitionSpec under `rules`, one entry per dim."""
   return _map_params(lambda path, param: logical_to_spec(logical_axes(path, param), rules),
                      params_state)
+
+
+def matrix_axes(params_state: nnx.State) -> nnx.State:
+  """(input axes, output axes) of each hidden weight matrix, or None.
+
+  A hidden weight maps between the residual stream's width ('embed') and the rest of
+  its axes (heads, head dims, MLP units): 'embed' is the input when it comes first
+  (wq, up), the output otherwise (wo, down). A scanned weight's layer axis is in
+  neither, so each layer is its own matrix. None for vectors (norms, biases) and for
+  tables over the vocabulary (embedding, output head): matrix optimizers such as Muon
+  leave those to Adam.
+  """
+  def axes_of(path, param):
+    axes = logical_axes(path, param)
+    dims = tuple(i for i in range(len(axes)) if i != layer_axis(axes))
+    if len(dims) < 2 or "vocab" in axes:
+      return None
+    if axes[dims[0]] == "embed":
+      return dims[:1], dims[1:]
+    return dims[:-1], dims[-1:]
+
+  return _map_params(axes_of, params_state)

@@ -1,11 +1,12 @@
-"""PSGD Kron vs AdamW on real data: learning-rate sweeps, validation curves, speedup.
+"""PSGD Kron vs AdamW and Muon on real data: learning-rate sweeps, curves, speedup.
 
-For a fixed step budget, sweeps the learning rate (log-spaced) for AdamW and for each
-Kron mode on the same model, data order and seeds, then reports each one's best
-validation loss, the steps the best Kron run needs to reach AdamW's best final
+For a fixed step budget, sweeps the learning rate (log-spaced) for AdamW, Muon
+(optax.contrib.muon, AdamW's lr and weight decay carried over by consistent_rms) and
+each Kron mode on the same model, data order and seeds, then reports each one's best
+validation loss and the steps each run needs to reach AdamW's and Muon's best final
 validation loss. The best Kron run is also trained for a shorter budget (its schedule
 fitted to it) to see whether it reaches AdamW's final loss in fewer steps, and the
-train steps of AdamW and Kron (at p=1 and at the floor) are timed side by side. Writes
+train steps of AdamW, Muon and Kron (at p=1 and at the floor) are timed side by side. Writes
 <out>/curves.png, <out>/results.md and <out>/runs.json (--resume reuses its runs).
 
     python scripts/bench_convergence.py                     # writes docs/convergence
@@ -98,11 +99,14 @@ def time_steps(args, runs) -> str:
   so that machine noise hits all alike; Kron at p=1 (the default schedule's first
   steps) and at its floor."""
   best = lambda opt, mode: min((r for r in runs if r["optimizer"] == opt and
-                                (opt == "adamw" or r["mode"] == mode) and
+                                (opt != "kron" or r["mode"] == mode) and
                                 r["width"] == 1 and r["steps"] == args.steps),
                                key=lambda r: r["best"])
   timers = {"adamw": step_timer(args, "adamw", "Q0.5EQ1.5", best("adamw", None)["lr"])}
-  for mode in args.focus_modes.split(","):
+  if any(r["optimizer"] == "muon" for r in runs):
+    timers["muon"] = step_timer(args, "muon", "Q0.5EQ1.5", best("muon", None)["lr"])
+  kron_ran = any(r["optimizer"] == "kron" for r in runs)
+  for mode in args.focus_modes.split(",") if kron_ran else ():
     lr = best("kron", mode)["lr"]
     timers[f"kron {mode} p=1"] = step_timer(args, "kron", mode, lr, 1.0)
     timers[f"kron {mode} floor"] = step_timer(args, "kron", mode, lr, FLOOR)
@@ -133,7 +137,7 @@ def steps_to_reach(curve, target: float):
 
 
 def label(run) -> str:
-  name = "adamw" if run["optimizer"] == "adamw" else f"kron {run['mode']}"
+  name = f"kron {run['mode']}" if run["optimizer"] == "kron" else run["optimizer"]
   return f"{name} lr={run['lr']:.3g}" + (f" width x{run['width']}" if run["width"] != 1 else "")
 
 
@@ -143,17 +147,22 @@ def report(all_runs, out: pathlib.Path, steps: int) -> str:
   for run in runs:
     groups.setdefault((run["optimizer"], run["mode"], run["width"]), []).append(run)
   best = {key: min(group, key=lambda r: r["best"]) for key, group in groups.items()}
-  lines = ["| optimizer | mode | width | lrs tried | best lr | best val loss | "
-           "steps to AdamW's best | time/step in the run (s) |", "|---|---|---|---|---|---|---|---|"]
-  adam = [r for (opt, _, _), r in best.items() if opt == "adamw"]
-  adam_target = adam[0]["curve"][-1][1] if adam else None
+  # The baselines' best final losses, the targets the other runs are timed to.
+  targets = {name: min((r for (opt, _, w), r in best.items() if opt == name and w == 1),
+                       key=lambda r: r["best"], default=None) for name in ("adamw", "muon")}
+  targets = {name: r["curve"][-1][1] for name, r in targets.items() if r is not None}
+  adam_target = targets.get("adamw")
+  lines = ["| optimizer | mode | width | lrs tried | best lr | best val loss | " +
+           "".join(f"steps to {name}'s best | " for name in targets) +
+           "time/step in the run (s) |", "|---" * (7 + len(targets)) + "|"]
   for (opt, mode, width), run in sorted(best.items(), key=lambda kv: str(kv[0])):
     lrs = ", ".join(f"{r['lr']:.3g}" for r in sorted(groups[(opt, mode, width)],
                                                      key=lambda r: r["lr"]))
-    reach = steps_to_reach(run["curve"], adam_target) if adam_target is not None else None
-    reach_text = "-" if reach is None else f"{reach:.0f} ({reach / steps:.2f}x)"
+    reach = [steps_to_reach(run["curve"], target) for target in targets.values()]
+    reach_text = "".join("- | " if n is None else f"{n:.0f} ({n / steps:.2f}x) | "
+                         for n in reach)
     lines.append(f"| {opt} | {mode if opt == 'kron' else '-'} | {width} | {lrs} | "
-                 f"{run['lr']:.3g} | {run['best']:.4f} | {reach_text} | "
+                 f"{run['lr']:.3g} | {run['best']:.4f} | {reach_text}"
                  f"{run['step_time']:.3f} |")
   short = [r for r in all_runs if r["steps"] < steps]
   if short and adam_target is not None:
@@ -200,11 +209,12 @@ def main():
   parser.add_argument("--config", default="configs/cpu_lm.py")
   parser.add_argument("--steps", type=int, default=400)
   parser.add_argument("--evals", type=int, default=8, help="evaluations per run")
-  parser.add_argument("--optimizers", default="adamw,kron")
+  parser.add_argument("--optimizers", default="adamw,muon,kron")
   parser.add_argument("--modes", default=",".join(psgd.MODES),
                       help="Kron modes, comma separated")
   parser.add_argument("--adamw_lrs", default="5e-4,1e-3,2e-3,4e-3")
   parser.add_argument("--kron_lrs", default="1e-3,2e-3,4e-3,8e-3")
+  parser.add_argument("--muon_lrs", default="1e-3,3e-3,1e-2,3e-2")
   parser.add_argument("--widths", default="1", help="width multipliers, comma separated")
   parser.add_argument("--out", default="docs/convergence")
   parser.add_argument("--focus_modes", default="Q0.5EQ1.5",

@@ -34,7 +34,8 @@ def test_every_named_optimizer_steps_downhill(name):
   params = {"w": jnp.ones((4, 3)), "b": jnp.ones(3)}
   mask = {"w": True, "b": False}
   tx, _ = optim.make_optimizer(cfg, 100, scanned_layers={"w": False, "b": False},
-                               weight_decay_mask=mask)
+                               weight_decay_mask=mask,
+                               matrix_axes={"w": ((0,), (1,)), "b": None})
   loss = lambda p: sum(jnp.sum(x**2) for x in jax.tree.leaves(p))
   state = tx.init(params)
   for _ in range(5):

@@ -2,6 +2,7 @@
 
 from typing import Any, Callable
 
+import jax
 import ml_collections
 import optax
 
@@ -18,7 +19,7 @@ _BASELINES: dict[str, Callable[..., optax.GradientTransformation]] = {
     "sgd": lambda lr, cfg, mask: optax.chain(
         optax.add_decayed_weights(cfg.weight_decay, mask), optax.sgd(lr, momentum=cfg.b1)),
 }
-OPTIMIZERS = ("kron", *_BASELINES)
+OPTIMIZERS = ("kron", "muon", *_BASELINES)
 SCHEDULES = ("cosine", "linear", "constant")
 
 
@@ -33,6 +34,28 @@ def check_config(cfg: ml_collections.ConfigDict) -> None:
     raise ValueError(f"optimizer.learning_rate={cfg.learning_rate} must be positive.")
   if cfg.warmup_steps < 0:
     raise ValueError(f"optimizer.warmup_steps={cfg.warmup_steps} must be >= 0.")
+
+
+def muon(schedule: optax.Schedule, cfg: ml_collections.ConfigDict, weight_decay_mask: Any,
+         matrix_axes: Any) -> optax.GradientTransformation:
+  """optax.contrib.muon with AdamW's hyperparameters carrying over.
+
+  consistent_rms scales each orthogonalised update to AdamW's RMS, so the same learning
+  rate and weight decay apply. The matrices to orthogonalise come from the model's
+  metadata: a scanned weight's layer axis is a batch axis (each layer its own matrix);
+  vectors and vocabulary tables go to Muon's AdamW part, which decays every parameter
+  it holds (optax's muon takes no mask for that part).
+  """
+  if matrix_axes is None:
+    raise ValueError("optimizer.name='muon' needs the model's matrix axes.")
+  dimension_numbers = jax.tree.map(
+      lambda axes: None if axes is None else optax.contrib.MuonDimensionNumbers(*axes),
+      matrix_axes, is_leaf=lambda x: x is None or isinstance(x, tuple))
+  return optax.contrib.muon(
+      schedule, beta=cfg.b1, weight_decay=cfg.weight_decay,
+      weight_decay_mask=weight_decay_mask, adam_b1=cfg.b1, adam_b2=cfg.b2,
+      adam_weight_decay=cfg.weight_decay, consistent_rms=cfg.muon.consistent_rms,
+      muon_weight_dimension_numbers=dimension_numbers)
 
 
 def learning_rate_schedule(cfg: ml_collections.ConfigDict, total_steps: int,
@@ -57,9 +80,13 @@ def learning_rate_schedule(cfg: ml_collections.ConfigDict, total_steps: int,
 
 def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int, *,
                    scanned_layers: Any = None, weight_decay_mask: Any = None,
-                   width_multiplier: int = 1
+                   matrix_axes: Any = None, width_multiplier: int = 1
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """(transformation, schedule): clipping by global norm, then the named optimizer."""
+  """(transformation, schedule): clipping by global norm, then the named optimizer.
+
+  `matrix_axes` (Muon only): per parameter, (input axes, output axes) of the matrix it
+  is, or None for the parameters Muon leaves to Adam; see models.matrix_axes.
+  """
   check_config(cfg)
   schedule = learning_rate_schedule(cfg, total_steps, width_multiplier)
   if cfg.name == "kron":
@@ -71,6 +98,8 @@ def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int, *,
     tx = psgd.kron(schedule, b1=cfg.b1, weight_decay=cfg.weight_decay,
                    weight_decay_mask=weight_decay_mask, scanned_layers=scanned_layers,
                    preconditioner_update_probability=update_prob, **kron_args)
+  elif cfg.name == "muon":
+    tx = muon(schedule, cfg, weight_decay_mask, matrix_axes)
   else:
     tx = _BASELINES[cfg.name](schedule, cfg, weight_decay_mask)
   # identity when off: the same state structure either way, so a run can resume with
@@ -90,6 +119,8 @@ def default_config() -> ml_collections.ConfigDict:
       b2=0.95,  # baselines only
       weight_decay=0.1,
       grad_clip_norm=1.0,
+      # optax.contrib.muon: scale each orthogonalised update to this RMS (AdamW's).
+      muon=ml_collections.ConfigDict(dict(consistent_rms=0.2)),
       # psgd.kron arguments beyond the common ones above.
       kron=ml_collections.ConfigDict(dict(
           preconditioner_mode="Q0.5EQ1.5",

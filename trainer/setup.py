@@ -87,10 +87,28 @@ def _opt_state_specs(config, tx, abstract_params, param_specs, mesh):
   abstract_state = jax.eval_shape(tx.init, abstract_params)
   if config.optimizer.name == "kron":
     return psgd.state_partition_specs(abstract_state, abstract_params, param_specs, mesh)
-  # optax baselines: moments mirror the params, everything else is a scalar.
-  return optax.tree_map_params(tx, lambda _, spec: spec, abstract_state, param_specs,
-                               transform_non_params=lambda _: P(),
-                               is_leaf=lambda x: isinstance(x, P))
+  return _specs_like_params(abstract_state, abstract_params, param_specs)
+
+
+def _specs_like_params(abstract_state, abstract_params, param_specs):
+  """optax optimizers: a state leaf whose key path ends with a parameter's path and
+  has its shape (a moment, Muon's momentum) is placed like that parameter; everything
+  else (counts, scalars) is replicated. Read from paths rather than through
+  optax.tree_map_params, which cannot trace optimizers that label params by a
+  function of them, such as optax.contrib.muon."""
+  by_path = {tuple(path): (leaf.shape, spec) for (path, leaf), spec in zip(
+      jax.tree_util.tree_flatten_with_path(abstract_params)[0],
+      jax.tree.leaves(param_specs, is_leaf=lambda x: isinstance(x, P)))}
+  longest = max(map(len, by_path), default=0)
+
+  def spec_of(path, leaf):
+    for n in range(min(longest, len(path)), 0, -1):
+      shape, spec = by_path.get(tuple(path[-n:]), (None, None))
+      if shape == leaf.shape:
+        return spec
+    return P()
+
+  return jax.tree_util.tree_map_with_path(spec_of, abstract_state)
 
 
 def build_setup(config, devices=None, check_vocab: bool = True) -> Setup:
@@ -121,6 +139,7 @@ def build_setup(config, devices=None, check_vocab: bool = True) -> Setup:
       config.optimizer, config.train.steps,
       scanned_layers=nnx.to_pure_dict(models.scanned_mask(abstract_params_state)),
       weight_decay_mask=nnx.to_pure_dict(models.weight_decay_mask(abstract_params_state)),
+      matrix_axes=nnx.to_pure_dict(models.matrix_axes(abstract_params_state)),
       width_multiplier=config.model.get("width_multiplier", 1))
   opt_specs = _opt_state_specs(config, tx, abstract_params, param_specs, mesh)
   state_specs = step_lib.TrainState(step=P(), params=param_specs, opt_state=opt_specs,
