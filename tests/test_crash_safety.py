@@ -183,8 +183,7 @@ def _fill(directory: pathlib.Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
-@pytest.mark.parametrize("failure", ["disk_full", "read_only"])
-def test_a_failed_save_stops_the_run_at_once_and_keeps_the_last_step(tmp_path, failure):
+def test_a_failed_save_into_a_full_disk_stops_the_run_and_keeps_the_last_step(tmp_path):
   mount = tmp_path / "mnt"
   _mount_tmpfs(mount, "16m")
   try:
@@ -199,26 +198,19 @@ def test_a_failed_save_stops_the_run_at_once_and_keeps_the_last_step(tmp_path, f
     while not committed.exists() and time.time() < deadline and proc.poll() is None:
       time.sleep(0.05)
     assert committed.exists(), proc.communicate()[1][-3000:]
-    checkpoints = str(workdir / "checkpoints")
-    if failure == "disk_full":
-      _fill(mount)
-    else:  # the checkpoints directory, mounted read-only over itself
-      subprocess.run(["mount", "--bind", checkpoints, checkpoints], check=True)
-      subprocess.run(["mount", "-o", "remount,bind,ro", checkpoints], check=True)
+    _fill(mount)
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 1, stderr[-3000:]
     last = stderr.strip().splitlines()[-1]
     assert "Saving a checkpoint in" in last and str(workdir) in last
-    assert ("No space left" in last if failure == "disk_full" else "Read-only" in last)
+    assert "No space left" in last
     # No traceback through the trainer (TensorStore may still print its callbacks into
     # the closed event loop of the failed save, from C++ threads).
     assert not [line for line in stderr.splitlines()
                 if line.lstrip().startswith("File ") and "/trainer/" in line]
     names = [p.name for p in (workdir / "checkpoints").iterdir()]
     assert not [n for n in names if "tmp" in n], names
-    if failure == "read_only":
-      subprocess.run(["umount", checkpoints], check=True)
-    (mount / "filler").unlink(missing_ok=True)
+    (mount / "filler").unlink()
     assert 4 in _steps_on_disk(workdir)
     state, _ = _train(_config(6), workdir)  # the kept step restores and trains on
     assert int(state.step) == 6

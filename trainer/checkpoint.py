@@ -174,7 +174,10 @@ class Checkpointer:
       root = epath.Path(self.directory)
       for entry in (root.iterdir() if root.exists() else ()):
         if _TMP_MARK in entry.name:
-          entry.rmtree(missing_ok=True)
+          try:
+            entry.rmtree(missing_ok=True)
+          except OSError as cleanup_error:  # e.g. read-only: the next start removes it
+            logging.warning("Could not remove %s: %s", entry, cleanup_error)
     committed = self.committed_steps()
     kept = (f"The last committed step, {committed[-1]}, is intact" if committed else
             "No step was committed yet")

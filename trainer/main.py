@@ -16,6 +16,7 @@ import logging as logging_std
 import math
 import os
 import pathlib
+import warnings
 
 import jax
 import numpy as np
@@ -254,6 +255,8 @@ def main(argv):
           checkpoint_lib.CheckpointRestoreError,
           checkpoint_lib.CheckpointMismatchError) as error:
     _LIBRARY_LOGS.muted = True
+    # A failed save leaves Orbax coroutines unawaited; Python would warn of each at exit.
+    warnings.filterwarnings("ignore", message="coroutine .* was never awaited")
     logging.error("%s", error)  # the run's own account, the last line: no traceback
     return 1
 
