@@ -85,11 +85,14 @@ def test_two_processes_train_like_one_and_one_process_resumes_them(tmp_path):
   both_read_shard_0 = losses_when_fed(config, (0, 0), 1)[0]
   assert abs(both_read_shard_0 - two[1]) > 20 * 2e-4 * two[1]
 
-  # One process (one device) resumes the 2-process checkpoint and trains on.
-  result = run_trainer(workdir, *SETTINGS, timeout=600)
+  # One process cannot take over the two processes' data positions: refused, naming
+  # the setting; with it, one process (one device) resumes the state and trains on.
+  refused = run_trainer(workdir, *SETTINGS, timeout=600)
+  assert refused.returncode == 1 and "checkpoint.restart_data=True" in refused.stderr
+  result = run_trainer(workdir, *SETTINGS, "checkpoint.restart_data=True", timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   assert f"Starting at step {STOP}" in result.stderr
-  assert "saved by 2 processes" in result.stderr  # the data stream starts afresh
+  assert "data stream starts afresh" in result.stderr
   resumed = losses_by_step(workdir)
   assert sorted(resumed) == list(range(1, STEPS + 1))
   assert resumed[STOP + 1] < two[1] - 0.3  # trained params, not a fresh model

@@ -226,11 +226,13 @@ def train(config, workdir: str, devices=None) -> tuple[step_lib.TrainState, dict
           break
 
   # ------------------------------------------------------------------- finish
+  # A stop during skipped steps saves nothing; the newest checkpoint is the one before.
+  saved = (f"Saved step {step}" if not save_pending else
+           f"Step {step} was skipped (non-finite), so not saved")
   if stop_reason == "interrupted (SIGINT)":
-    raise RunInterrupted(f"Saved step {step} and stopped: Ctrl-C. The same command "
-                         "resumes from it.")
+    raise RunInterrupted(f"{saved} and stopped: Ctrl-C. The same command resumes.")
   if stop_reason:
-    logging.info("Saved step %d and stopped: %s", step, stop_reason)
+    logging.info("%s and stopped: %s", saved, stop_reason)
   else:
     logging.info("Done: %d steps, checkpoints in %s", step, checkpointer.directory)
   return state, last
