@@ -130,7 +130,8 @@ def default_config() -> ml_collections.ConfigDict:
           update_prob_flat_steps=500,
           update_prob_decay=0.001,
           update_prob_floor=0.03,
-          preconditioner_lr=0.1,
+          preconditioner_lr=0.7,
+          whiten_grad=True,  # fit P on the gradients (False: on the momentum)
           max_size_triangular=8192,
           max_skew_triangular=1.0,
           memory_save_mode=ml_collections.config_dict.placeholder(str),
