@@ -1,22 +1,23 @@
-"""Fitting the Kronecker factors of one matrix's whitening preconditioner.
+"""Fitting the Kronecker factors of one tensor's whitening preconditioner.
 
 PSGD (Xi-Lin Li, arXiv:1512.04202, 1809.10232, 2402.11858) fits P = Q^T Q so that
 P h h^T P ~ I for gradients h, i.e. P ~ E[h h^T]^(-1/2), by stochastic steps on a Lie
-group. For an (r, c) matrix with P = P0 (x) P1 the preconditioned gradient is
-P0 h P1, and factor k is moved by the gap between two terms:
+group. For a tensor h with P = P0 (x) P1 (x) ... (one factor per dim; an (r, c)
+matrix's P h is P0 h P1) factor k is moved by the gap between two terms:
   term1_k: the Gram matrix of P h along dim k (what P currently gives),
   term2_k: numel / size_k times the identity (what a whitened gradient gives).
 The step is lr / L_k, with L_k an EMA-max of a bound on the local Lipschitz constant;
 the spectral norms in that bound come from a cheap randomized subspace iteration.
 
-Modes (geometry of the update; the names are the reference's):
+Modes (geometry of the update; the names and rules are the reference's, psgd_torch):
   Q0.5EQ1.5  dQ = Q^0.5 E Q^1.5: dQ = -E Q, then one online Procrustes step rotates Q
              back towards symmetric positive definite (default).
   QEQ        dQ = Q E Q.                      QUAD  a quadratic form; Q stays SPD.
   EQ         dQ = E Q on upper-triangular Q (the original PSGD, triangular solves).
-  PRO4P      store P itself: dP = -E P then a Procrustes step (online Newton-Schulz).
+  PRO4P      store P itself: dP = -E P, then third-order Procrustes steps until P is
+             symmetric again (online Newton-Schulz).
   QUAD4P     store P itself with the QUAD quadratic form.
-Everything here works on one matrix; `kron.py` maps it over layers and parameters.
+Everything here works on one tensor; `kron.py` maps it over layers, blocks and params.
 """
 
 from typing import Callable, Literal, get_args
@@ -24,7 +25,7 @@ from typing import Callable, Literal, get_args
 import jax
 import jax.numpy as jnp
 
-Factors = tuple[jax.Array, jax.Array]  # each (d, d) dense or (d,) diagonal
+Factors = tuple[jax.Array, ...]  # one per dim: (d, d) dense or (d,) diagonal
 
 Mode = Literal["Q0.5EQ1.5", "EQ", "QEQ", "QUAD", "PRO4P", "QUAD4P"]
 MODES: tuple[str, ...] = get_args(Mode)
@@ -43,21 +44,40 @@ def _matmul(a: jax.Array, b: jax.Array, operand_dtype=None) -> jax.Array:
                     preferred_element_type=jnp.float32)
 
 
-def _left(f: jax.Array, x: jax.Array, operand_dtype=None) -> jax.Array:
-  """f @ x, with a diagonal f stored as a vector."""
-  return f[:, None] * x if f.ndim == 1 else _matmul(f, x, operand_dtype)
+def _contract(a: jax.Array, b: jax.Array, axes, operand_dtype=None) -> jax.Array:
+  """jnp.tensordot, with operand_dtype as in `_matmul`."""
+  if operand_dtype is None:
+    return jnp.tensordot(a, b, axes)
+  return jnp.tensordot(a.astype(operand_dtype), b.astype(operand_dtype), axes,
+                       preferred_element_type=jnp.float32)
 
 
-def _right(x: jax.Array, f: jax.Array, operand_dtype=None) -> jax.Array:
-  """x @ f, with a diagonal f stored as a vector."""
-  return x * f[None, :] if f.ndim == 1 else _matmul(x, f, operand_dtype)
+def along(f: jax.Array, x: jax.Array, axis: int, operand_dtype=None) -> jax.Array:
+  """x with the factor f applied along `axis` (f @ x for a matrix's rows, x @ f^T for
+  its columns); a diagonal f is stored as a vector."""
+  if f.ndim == 1:
+    return x * f.reshape((-1,) + (1,) * (x.ndim - 1 - axis))
+  if axis == 0:
+    return _contract(f, x, (1, 0), operand_dtype)
+  return jnp.moveaxis(_contract(x, f, (axis, 1), operand_dtype), -1, axis)
 
 
-def _gram(x: jax.Array, dim: int, dense: bool, operand_dtype=None) -> jax.Array:
-  """x contracted with itself over every dim but `dim` (its diagonal if not dense)."""
+def _solve_along(q: jax.Array, x: jax.Array, axis: int) -> jax.Array:
+  """x with Q^-T applied along `axis`, for an upper-triangular (or diagonal) Q."""
+  if q.ndim == 1:
+    return x / q.reshape((-1,) + (1,) * (x.ndim - 1 - axis))
+  y = jnp.moveaxis(x, axis, 0)
+  solved = jax.scipy.linalg.solve_triangular(q, y.reshape(y.shape[0], -1), trans=1,
+                                             lower=False)
+  return jnp.moveaxis(solved.reshape(y.shape), 0, axis)
+
+
+def _gram(x: jax.Array, axis: int, dense: bool, operand_dtype=None) -> jax.Array:
+  """x contracted with itself over every dim but `axis` (its diagonal if not dense)."""
+  others = tuple(i for i in range(x.ndim) if i != axis)
   if not dense:
-    return jnp.sum(x * x, axis=1 - dim)
-  return _matmul(x, x.T, operand_dtype) if dim == 0 else _matmul(x.T, x, operand_dtype)
+    return jnp.sum(x * x, axis=others)
+  return _contract(x, x, (others, others), operand_dtype)
 
 
 def _subspace_norm_bound(a: jax.Array, key: jax.Array, scale: jax.Array,
@@ -108,6 +128,43 @@ def procrustes_step(q: jax.Array, key: jax.Array, max_step: float = 0.125,
   return q + a * (rq + 0.5 * a * rrq)
 
 
+def procrustes_step3(q: jax.Array, key: jax.Array, max_step: float = 1 / 3,
+                     operand_dtype=None) -> jax.Array:
+  """`procrustes_step` with U ~ I + aR + (aR)^2 / 2 + (aR)^3 / 8 (error ~ ||aR||^6 / 64).
+
+  a is the larger root of the model's derivative, tr(RQ) + a tr(R^2 Q) + 3/8 a^2
+  tr(R^3 Q) = 0, capped at max_step; no step when q is symmetric to rounding (then
+  tr(RQ) > 0 > tr(R^3 Q) fails). psgd_torch's `procrustes_step3`.
+  """
+  r = q.T - q
+  r = r / (norm_lower_bound_skew(r, key) + _TINY)
+  rq = _matmul(r, q, operand_dtype)
+  rrq = _matmul(r, rq, operand_dtype)
+  rrrq = _matmul(r, rrq, operand_dtype)
+  tr1, tr2, tr3 = jnp.trace(rq), jnp.trace(rrq), jnp.trace(rrrq)
+  moves = (tr1 > 0) & (tr3 < 0)
+  root = (-tr2 - jnp.sqrt(jnp.maximum(tr2 * tr2 - 1.5 * tr1 * tr3, 0.0))) / (
+      0.75 * jnp.where(moves, tr3, -1.0))
+  a = jnp.where(moves, jnp.minimum(root, max_step), 0.0)
+  return q + a * (rq + 0.5 * a * (rrq + 0.25 * a * rrrq))
+
+
+def _symmetrize(q: jax.Array, key: jax.Array, operand_dtype=None,
+                max_steps: int = 10) -> jax.Array:
+  """`procrustes_step3` until q is symmetric to 1e-3 of its largest entry (at least one
+  step, at most max_steps), as psgd_torch's PRO4P does after each fitting step."""
+  def near_symmetric(q):
+    return jnp.max(jnp.abs(q.T - q)) < 1e-3 * jnp.max(jnp.abs(q))
+
+  def body(carry):
+    i, q = carry
+    return i + 1, procrustes_step3(q, jax.random.fold_in(key, i), operand_dtype=operand_dtype)
+
+  first = body((0, q))
+  return jax.lax.while_loop(lambda c: (c[0] < max_steps) & ~near_symmetric(c[1]), body,
+                            first)[1]
+
+
 # ------------------------------------------------------------------ preconditioner
 
 
@@ -119,37 +176,33 @@ def preconditioner_factors(mode: str, factors: Factors, operand_dtype=None) -> F
 
 
 def apply_preconditioner(p_factors: Factors, x: jax.Array, operand_dtype=None) -> jax.Array:
-  """P x for P = P0 (x) P1 with symmetric factors: P0 @ x @ P1.
+  """P x for P = P0 (x) P1 (x) ... with symmetric factors: P_k applied along dim k.
 
   With operand_dtype (e.g. bfloat16) the matmuls take operands of that dtype and
   accumulate in float32, what TPUs do at default precision, on every backend.
   """
-  return _right(_left(p_factors[0], x, operand_dtype), p_factors[1], operand_dtype)
+  for axis, f in enumerate(p_factors):
+    x = along(f, x, axis, operand_dtype)
+  return x
 
 
 def scale_factors(mode: str, factors: Factors, scale: jax.Array) -> Factors:
   """Factors whose P is `scale`^2 times that of `factors` (scale > 0)."""
-  per_factor = scale if mode in STORES_P else jnp.sqrt(scale)
+  per_factor = scale ** ((2.0 if mode in STORES_P else 1.0) / len(factors))
   return tuple(f * per_factor.astype(f.dtype) for f in factors)
 
 
 def balance(factors: Factors) -> Factors:
   """Equalize the factors' max-abs (same product), against over/underflow."""
-  norms = [jnp.max(jnp.abs(f)) for f in factors]
-  gmean = jnp.sqrt(norms[0] * norms[1])
+  norms = jnp.stack([jnp.max(jnp.abs(f)) for f in factors])
+  gmean = jnp.exp(jnp.mean(jnp.log(norms + _TINY)))
   return tuple(f * (gmean / (n + _TINY)) for f, n in zip(factors, norms))
 
 
-def _rank_one_noise(key: jax.Array, shape: tuple[int, int], dtype) -> jax.Array:
-  """u v^T with u, v standard normal.
-
-  Its second moments along each dim equal those of i.i.d. normal noise (E[N N^T] =
-  cols * I), which is all the fitting terms see, for rows + cols random numbers
-  instead of rows * cols.
-  """
-  ku, kv = jax.random.split(key)
-  return (jax.random.normal(ku, (shape[0], 1), dtype) *
-          jax.random.normal(kv, (1, shape[1]), dtype))
+def normal(key: jax.Array, shape: tuple[int, ...], dtype) -> jax.Array:
+  """I.i.d. standard normal draws, as the reference draws its damping noise and EQ's
+  probe (the one source of them, so a test can record them)."""
+  return jax.random.normal(key, shape, dtype)
 
 
 def _lipschitz(ell: jax.Array, old: jax.Array, beta: float) -> jax.Array:
@@ -158,7 +211,8 @@ def _lipschitz(ell: jax.Array, old: jax.Array, beta: float) -> jax.Array:
 
 # ---------------------------------------------------------- per-mode factor rules
 # Each rule moves one factor given term1, term2 (a scalar times I), the step lr / L,
-# a key and the matmul operand dtype; `dense` factors are matrices, the others vectors.
+# a key and the matmul operand dtype; dense factors are matrices, the others vectors.
+# They are psgd_torch's `update_precond_kron_whiten_*` rules.
 
 
 def _rule_q0p5eq1p5(f, t1, t2, step, key, dt):
@@ -194,9 +248,8 @@ def _rule_quad4p(f, t1, t2, step, key, dt):
 
 def _rule_pro4p(f, t1, t2, step, key, dt):
   if f.ndim == 1:
-    return f * (1 - step * (t1 - t2)) ** 2
-  return procrustes_step(f - 2 * step * (_matmul(t1, f, dt) - t2 * f), key,
-                         operand_dtype=dt)
+    return f * (1 - step * (t1 - t2))
+  return _symmetrize(f - step * (_matmul(t1, f, dt) - t2 * f), key, dt)
 
 
 _RULES: dict[str, Callable] = {
@@ -208,26 +261,31 @@ _RULES: dict[str, Callable] = {
 }
 
 
+def _damped(h: jax.Array, noise: jax.Array, damping: float, grad_eps: float) -> jax.Array:
+  """h plus noise of size damping + grad_eps * |h|: it bounds P above by about
+  I / damping and keeps the fit well posed when h is zero or low rank."""
+  return h + (damping + grad_eps * jnp.abs(h)) * noise
+
+
 def fit(mode: str, factors: Factors, lipschitz: jax.Array, h: jax.Array, key: jax.Array, *,
         lr: float, beta: float, damping: float, grad_eps: float,
         p_factors: Factors | None = None, operand_dtype=None,
-        fitted: tuple[bool, bool] = (True, True)) -> tuple[Factors, jax.Array]:
-  """One fitting step of the factors (and their Lipschitz memory, shape (2,)) on h.
+        fitted: tuple[bool, ...] | None = None) -> tuple[Factors, jax.Array]:
+  """One fitting step of a tensor's factors (one per dim) and their Lipschitz memory
+  (shape (num_factors,)) on h, the gradient or momentum (float32 or float64).
 
   Factor k moves only if fitted[k] (`Layout.fitted`: a size-1 dim's factor stays).
-
-  h (the gradient or momentum, float32) is damped with noise of size
-  damping + grad_eps * |h|, which bounds P above by about I / damping and keeps the
-  fit well posed when h is zero or low rank. `p_factors`, if given, are the factors'
-  `preconditioner_factors` (cached by the caller), saving their recomputation. With
-  `operand_dtype` (e.g. bfloat16) the matmuls take operands of that dtype (float32
-  accumulation); the spectral-norm bounds and EQ's triangular solves stay float32.
+  `p_factors`, if given, are the factors' `preconditioner_factors` (cached by the
+  caller), saving their recomputation. With `operand_dtype` (e.g. bfloat16) the matmuls
+  take operands of that dtype (float32 accumulation); the spectral-norm bounds and
+  EQ's triangular solves stay float32.
   """
+  fitted = fitted or (True,) * len(factors)
   if mode == "EQ":
     return _fit_eq(factors, lipschitz, h, key, lr=lr, beta=beta, damping=damping,
                    grad_eps=grad_eps, operand_dtype=operand_dtype, fitted=fitted)
   k_noise, k_norm, k_rule = jax.random.split(key, 3)
-  h = h + (damping + grad_eps * jnp.abs(h)) * _rank_one_noise(k_noise, h.shape, h.dtype)
+  h = _damped(h, normal(k_noise, h.shape, h.dtype), damping, grad_eps)
   if p_factors is None:
     p_factors = preconditioner_factors(mode, factors, operand_dtype)
   pg = apply_preconditioner(p_factors, h, operand_dtype)
@@ -252,15 +310,11 @@ def _fit_eq(factors, lipschitz, h, key, *, lr, beta, damping, grad_eps, operand_
             fitted):
   """dQ = E Q with triangular Q: fits Q h h^T Q^T against Q^-T v v^T Q^-1 for probe v."""
   k_probe, k_norm = jax.random.split(key)
-  v = jax.random.normal(k_probe, h.shape, h.dtype)
-  h = h + (damping + grad_eps * jnp.abs(h)) * v
-  q0, q1 = factors
-  a = _right(_left(q0, h, operand_dtype), q1.T if q1.ndim == 2 else q1,
-             operand_dtype)  # Q0 h Q1^T
-  b = (v / q0[:, None] if q0.ndim == 1 else
-       jax.scipy.linalg.solve_triangular(q0, v, trans=1, lower=False))  # Q0^-T v
-  b = (b / q1[None, :] if q1.ndim == 1 else
-       jax.scipy.linalg.solve_triangular(q1, b.T, trans=1, lower=False).T)  # ... Q1^-1
+  v = normal(k_probe, h.shape, h.dtype)
+  a, b = _damped(h, v, damping, grad_eps), v
+  for axis, q in enumerate(factors):
+    a = along(q, a, axis, operand_dtype)  # Q h
+    b = _solve_along(q, b, axis)  # Q^-T v
   new_factors, new_lipschitz = [], []
   for k, f in enumerate(factors):
     if not fitted[k]:

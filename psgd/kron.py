@@ -2,9 +2,9 @@
 
 A step: momentum (EMA of gradients); until it is set, the scale of P from the first
 nonzero gradients; with some probability a refit of each parameter's Kronecker factors
-on the gradient (or momentum); then the momentum is preconditioned, clipped per matrix
+on the gradient (or momentum); then the momentum is preconditioned, clipped per block
 and, with lr_style='adam', scaled to Adam's update size. See `fitting.py` for the math
-and `layout.py` for how parameters become matrices.
+and `layout.py` for how parameters become batches of small tensors (blocks).
 
 Every per-parameter field of the state is a tree with the params' structure whose
 leaves are arrays (the factors: one such tree per factor slot), as in optax's own
@@ -127,12 +127,14 @@ def _check_args(args: dict):
 
 def plan_layouts(params, scanned_layers: MaskOrFn = None, *, max_size_triangular: int = 8192,
                  max_skew_triangular: float = 1.0, min_ndim_triangular: int = 2,
-                 memory_save_mode: Optional[str] = None, block_size: Optional[int] = None):
+                 memory_save_mode: Optional[str] = None, block_size: Optional[int] = None,
+                 merge_dims: bool = True):
   """A tree of `Layout`s (one per parameter) for params under these settings."""
   mask = _mask_like(scanned_layers, params, "scanned_layers")
   plan = functools.partial(layout_lib.plan_layout, max_size=max_size_triangular,
                            max_skew=max_skew_triangular, min_ndim=min_ndim_triangular,
-                           memory_save_mode=memory_save_mode, block_size=block_size)
+                           memory_save_mode=memory_save_mode, block_size=block_size,
+                           merge_dims=merge_dims)
   return jax.tree.map(lambda p, s: plan(tuple(p.shape), s), params, mask)
 
 
@@ -188,16 +190,23 @@ def _map_params(fn, layouts, *trees):
 
 
 def _slots(layouts, per_param) -> tuple:
-  """Per-parameter tuples of factors -> one params-shaped tree per factor slot."""
+  """Per-parameter tuples of factors -> one params-shaped tree per factor slot. A
+  parameter with fewer factors than there are slots fills the rest with (batch, 1)
+  ones, the fixed factor of a size-1 dim, never read (not empty arrays: Orbax cannot
+  save those), so every slot keeps the params' structure."""
   num_slots = max((lay.num_factors for lay in jax.tree.leaves(layouts, is_leaf=_is_layout)),
                   default=0)
-  return tuple(_map_params(lambda lay, fs, k=k: fs[k], layouts, per_param)
+
+  def slot(lay, fs, k):
+    return fs[k] if k < len(fs) else jnp.ones((lay.batch, 1), fs[0].dtype)
+
+  return tuple(_map_params(functools.partial(slot, k=k), layouts, per_param)
                for k in range(num_slots))
 
 
 def _per_param(layouts, slots: tuple):
   """Inverse of `_slots`: a tree of per-parameter tuples of factors."""
-  return _map_params(lambda lay, *fs: fs, layouts, *slots)
+  return _map_params(lambda lay, *fs: fs[:lay.num_factors], layouts, *slots)
 
 
 def _compute_dtype(dtype):
@@ -205,8 +214,8 @@ def _compute_dtype(dtype):
   return jnp.promote_types(dtype, jnp.float32)
 
 
-def _matrix_keys(key: jax.Array, layouts):
-  """A key per matrix, numbered across all params in order, so a stacked parameter
+def _block_keys(key: jax.Array, layouts):
+  """A key per block, numbered across all params in order, so a stacked parameter
   draws what the same layers given as separate parameters would."""
   leaves, treedef = jax.tree.flatten(layouts, is_leaf=_is_layout)
   starts = itertools.accumulate((lay.batch for lay in leaves), initial=0)
@@ -215,8 +224,8 @@ def _matrix_keys(key: jax.Array, layouts):
       for lay, start in zip(leaves, starts)])
 
 
-def _map_matrices(s: KronSettings, lay: layout_lib.Layout, fn, *args):
-  """fn over one parameter's batch of matrices: vmap, or lax.map for scanned layers."""
+def _map_blocks(s: KronSettings, lay: layout_lib.Layout, fn, *args):
+  """fn over one parameter's batch of blocks: vmap, or lax.map for scanned layers."""
   if lay.scanned and s.lax_map:
     return jax.lax.map(lambda xs: fn(*xs), args, batch_size=s.lax_map_batch_size)
   return jax.vmap(fn)(*args)
@@ -229,7 +238,7 @@ def _stored(s: KronSettings, factors):
 
 
 def _p_factors(s: KronSettings, factors, operand_dtype=None):
-  """P's factors of one parameter's batch of matrices."""
+  """P's factors of one parameter's batch of blocks."""
   return jax.vmap(lambda *f: fitting.preconditioner_factors(s.mode, f, operand_dtype))(
       *factors)
 
@@ -262,18 +271,19 @@ def _momentum(s: KronSettings, count, mu, grads):
 
 
 def _fourth_moment_roots(g: jax.Array) -> jax.Array:
-  """E[g^4]^(1/4) of each matrix of a (batch, rows, cols) array, without overflow."""
-  gmax = jnp.max(jnp.abs(g), axis=(1, 2), keepdims=True)
+  """E[g^4]^(1/4) of each block of a (batch, *block_shape) array, without overflow."""
+  axes = tuple(range(1, g.ndim))
+  gmax = jnp.max(jnp.abs(g), axis=axes, keepdims=True)
   safe = jnp.where(gmax > 0, gmax, 1.0)
-  return gmax[:, 0, 0] * jnp.mean((g / safe) ** 4, axis=(1, 2)) ** 0.25
+  return gmax.reshape(-1) * jnp.mean((g / safe) ** 4, axis=axes) ** 0.25
 
 
 def _initial_scale(roots: list[jax.Array], damping) -> tuple[jax.Array, jax.Array]:
-  """(found, scale): scale = (max E[g^4] + damping^4)^(-1/8) over all matrices.
+  """(found, scale): scale = (max E[g^4] + damping^4)^(-1/8) over all blocks.
 
-  One scale for every matrix (a scanned layer counts as one), from the largest
-  gradients: the reference scales each parameter by its own gradient instead, which
-  measured no better here (docs/kron_vs_muon.md). Computed through normalized
+  One scale for every parameter, from the largest gradients, as psgd_torch sets it
+  (its max is over parameters; here over blocks, so a scanned layer counts as a
+  parameter of its own). Computed through normalized
   quantities so tiny or huge gradients neither underflow nor overflow; `found` is
   False while every gradient is exactly zero.
   """
@@ -291,7 +301,7 @@ def _set_initial_scale(s: KronSettings, layouts, grads, factors, precond, initia
 
   def set_scale(carry):
     factors, precond = carry
-    roots = _map_params(lambda lay, g: _fourth_moment_roots(layout_lib.to_matrices(g, lay)),
+    roots = _map_params(lambda lay, g: _fourth_moment_roots(layout_lib.to_blocks(g, lay)),
                         layouts, grads)
     found, scale = _initial_scale(jax.tree.leaves(roots), s.damping)
     scaled = _map_params(lambda lay, fs: fitting.scale_factors(
@@ -303,6 +313,15 @@ def _set_initial_scale(s: KronSettings, layouts, grads, factors, precond, initia
   (factors, precond), initialized = jax.lax.cond(
       initialized, lambda carry: (carry, jnp.array(True)), set_scale, (factors, precond))
   return factors, precond, initialized
+
+
+def _noise_eps(s: KronSettings, grad_dtype) -> float:
+  """Relative size of the noise the fit adds to each gradient entry: the resolution of
+  the gradient's dtype (the reference's rule), or of the fit's bfloat16 operands when
+  that is coarser. Finer noise would round away in the matmuls and leave P unbounded
+  where gradients vanish."""
+  dtypes = [grad_dtype] + ([s.fit_operand_dtype] if s.fit_operand_dtype else [])
+  return max(float(jnp.finfo(d).eps) for d in dtypes)
 
 
 def _refit_decision(s: KronSettings, count, key) -> jax.Array:
@@ -317,13 +336,13 @@ def _refit(s: KronSettings, layouts, targets, grad_eps, keys, balance_key, carry
   factors, lipschitz, precond = carry
 
   def fit_param(lay, fs, lip, h, keys, eps, pfs):
-    def fit_matrix(fs, lip, h, key, pfs):
+    def fit_block(fs, lip, h, key, pfs):
       return fitting.fit(s.mode, fs, lip, h, key, lr=s.preconditioner_lr,
                          beta=s.beta_lipschitz, damping=s.damping, grad_eps=eps,
                          p_factors=pfs or None, operand_dtype=s.fit_operand_dtype,
                          fitted=lay.fitted)
     compute = tuple(f.astype(_compute_dtype(h.dtype)) for f in fs)
-    return _map_matrices(s, lay, fit_matrix, compute, lip, layout_lib.to_matrices(h, lay),
+    return _map_blocks(s, lay, fit_block, compute, lip, layout_lib.to_blocks(h, lay),
                          keys, pfs)
 
   with jax.default_matmul_precision(s.fit_precision):
@@ -340,7 +359,7 @@ def _refit(s: KronSettings, layouts, targets, grad_eps, keys, balance_key, carry
 
 
 def _precondition(s: KronSettings, layouts, factors, precond, mu, like):
-  """P mu per parameter, each matrix clipped to RMS max_update_rms, times the output
+  """P mu per parameter, each block clipped to RMS max_update_rms, times the output
   scale, in the dtype of `like` (the incoming updates)."""
   def clipped(p_factors, x):
     y = fitting.apply_preconditioner(p_factors, x, s.apply_operand_dtype)
@@ -352,8 +371,8 @@ def _precondition(s: KronSettings, layouts, factors, precond, mu, like):
     operands = ((lambda fs: fs) if s.apply_operand_dtype else
                 (lambda fs: tuple(f.astype(m.dtype) for f in fs)))
     p_factors = operands(pfs) if pfs else _p_factors(s, operands(fs), s.apply_operand_dtype)
-    y = _map_matrices(s, lay, clipped, p_factors, layout_lib.to_matrices(m, lay))
-    return (layout_lib.from_matrices(y, lay) * s.output_scale).astype(g.dtype)
+    y = _map_blocks(s, lay, clipped, p_factors, layout_lib.to_blocks(m, lay))
+    return (layout_lib.from_blocks(y, lay) * s.output_scale).astype(g.dtype)
 
   with jax.default_matmul_precision(s.apply_precision):
     return _map_params(one, layouts, factors, precond, mu, like)
@@ -371,6 +390,7 @@ def scale_by_kron(
     min_ndim_triangular: int = 2,
     memory_save_mode: layout_lib.MemorySaveMode = None,
     block_size: Optional[int] = None,
+    merge_dims: bool = True,
     preconditioner_lr: float = 0.7,
     preconditioner_init_scale: Optional[float] = None,
     preconditioner_mode: fitting.Mode = "Q0.5EQ1.5",
@@ -394,13 +414,14 @@ def scale_by_kron(
   PSGD fits a preconditioner P to the gradients g so that P g g^T P ~ I, that is
   P ~ E[g g^T]^(-1/2), the whitening preconditioner, by stochastic steps on a matrix
   Lie group (no matrix inverses or eigendecompositions). Each parameter is seen as a
-  batch of matrices G (see `plan_layouts`), and P = P0 (x) P1 acts on one as P0 G P1;
-  each factor is a dense matrix or a diagonal, by the size rules below.
+  batch of blocks G (see `plan_layouts`), by default matrices, and P = P0 (x) P1 acts
+  on one as P0 G P1; each factor is a dense matrix or a diagonal, by the size rules
+  below. With merge_dims=False a tensor of rank 3 or more gets a factor per dim.
 
   A step, in order: the momentum m (an EMA of the gradients); until it is set, the
   scale of P from the first nonzero gradients; with probability
   `preconditioner_update_probability`, one fitting step of every factor on the
-  gradient (or on m, see `whiten_grad`); then the output P m, clipped per matrix to
+  gradient (or on m, see `whiten_grad`); then the output P m, clipped per block to
   RMS `max_update_rms` and, with `lr_style='adam'`, scaled to Adam's update size.
   The result is a direction to be scaled by a negative learning rate, as with
   `optax.scale_by_adam`; `kron` adds that and weight decay.
@@ -413,15 +434,18 @@ def scale_by_kron(
       schedule of the step count. Default: every step for 500 steps, then annealed to
       0.03 (`precond_update_prob_schedule`). The draws come from the key in the state,
       so a restored run makes the same decisions.
-    max_size_triangular: a matrix dim larger than this gets a diagonal factor.
+    max_size_triangular: a block dim larger than this gets a diagonal factor.
     max_skew_triangular: a dim of size d gets a diagonal factor if d^2 exceeds this
-      times the matrix's number of elements (1.0: only the smaller dim of a
-      non-square matrix is dense; inf: both).
+      times the block's number of elements (1.0: only the smaller dim of a
+      non-square matrix is dense; inf: every dim).
     min_ndim_triangular: parameters with fewer dims get diagonal factors only.
     memory_save_mode: None (the rules above), 'one_diag' (the larger dim diagonal) or
       'all_diag' (every factor diagonal, Adam-like memory).
-    block_size: cut a matrix dim larger than this into equal blocks, each with
-      factors of its own (None: never).
+    block_size: cut a dim larger than this into equal blocks, each with factors of
+      its own (None: never).
+    merge_dims: see a tensor of rank 3 or more as its most square matrix, with two
+      factors (True, quad-torch's layout), or keep its dims with a factor each
+      (False, psgd_torch's layout). Rank 2 and below are the same either way.
     preconditioner_lr: step size of the factor fit (relative to the Lipschitz bound).
       0.7 (quad-torch's default; psgd_torch and psgdax use 0.1) fits P in tens of
       refits instead of hundreds, but follows recent gradients more than a long
@@ -445,7 +469,7 @@ def scale_by_kron(
       step (raise it for sparse gradients).
     damping: scale of the noise added to the fitting target; it bounds P above by
       about I / damping and keeps the fit well posed for zero or low-rank gradients.
-    max_update_rms: each matrix of the output is scaled down to at most this RMS.
+    max_update_rms: each block of the output is scaled down to at most this RMS.
     mu_dtype: storage dtype of the momentum (None: the gradient's).
     precond_dtype: storage dtype of the factors (None: float32). Arithmetic is
       float32 (float64 for float64 gradients) whatever the storage.
@@ -502,7 +526,8 @@ def scale_by_kron(
       layout_options=dict(max_size_triangular=max_size_triangular,
                           max_skew_triangular=max_skew_triangular,
                           min_ndim_triangular=min_ndim_triangular,
-                          memory_save_mode=memory_save_mode, block_size=block_size),
+                          memory_save_mode=memory_save_mode, block_size=block_size,
+                          merge_dims=merge_dims),
       scanned_layers=scanned_layers, mode=preconditioner_mode,
       preconditioner_lr=preconditioner_lr, init_scale=preconditioner_init_scale,
       cache=cache_preconditioner and preconditioner_mode not in fitting.STORES_P,
@@ -544,10 +569,10 @@ def scale_by_kron(
                                                        state.initialized)
     refit = _refit_decision(s, state.count, k_decide) & initialized
     fit_on = grads if s.whiten_grad else mu
-    grad_eps = jax.tree.map(lambda g: float(jnp.finfo(g.dtype).eps), updates)
+    grad_eps = jax.tree.map(lambda g: _noise_eps(s, g.dtype), updates)
     factors, lipschitz, precond = jax.lax.cond(
         refit, functools.partial(_refit, s, layouts, fit_on, grad_eps,
-                                 _matrix_keys(k_fit, layouts), k_balance),
+                                 _block_keys(k_fit, layouts), k_balance),
         lambda carry: carry, (factors, state.lipschitz, precond))
     new_updates = _precondition(s, layouts, factors, precond, mu, updates)
     return new_updates, KronState(
@@ -589,6 +614,7 @@ def kron(
     min_ndim_triangular: int = 2,
     memory_save_mode: layout_lib.MemorySaveMode = None,
     block_size: Optional[int] = None,
+    merge_dims: bool = True,
     preconditioner_lr: float = 0.7,
     preconditioner_init_scale: Optional[float] = None,
     preconditioner_mode: fitting.Mode = "Q0.5EQ1.5",
@@ -627,6 +653,7 @@ def kron(
     min_ndim_triangular: see `scale_by_kron`.
     memory_save_mode: see `scale_by_kron`.
     block_size: see `scale_by_kron`.
+    merge_dims: see `scale_by_kron`.
     preconditioner_lr: see `scale_by_kron`.
     preconditioner_init_scale: see `scale_by_kron`.
     preconditioner_mode: see `scale_by_kron`.
@@ -691,7 +718,7 @@ def kron(
       b1=b1, preconditioner_update_probability=preconditioner_update_probability,
       max_size_triangular=max_size_triangular, max_skew_triangular=max_skew_triangular,
       min_ndim_triangular=min_ndim_triangular, memory_save_mode=memory_save_mode,
-      block_size=block_size, preconditioner_lr=preconditioner_lr,
+      block_size=block_size, merge_dims=merge_dims, preconditioner_lr=preconditioner_lr,
       preconditioner_init_scale=preconditioner_init_scale,
       preconditioner_mode=preconditioner_mode,
       cache_preconditioner=cache_preconditioner, whiten_grad=whiten_grad, lr_style=lr_style,

@@ -1,14 +1,16 @@
-"""How the Kron preconditioner sees each parameter: as a batch of matrices.
+"""How the Kron preconditioner sees each parameter: as a batch of small tensors.
 
-Every parameter becomes an array of shape (batch, rows, cols):
+Every parameter becomes an array of shape (batch, *block_shape):
   * a leading layer axis of a scanned parameter becomes the batch axis, so each
     layer gets its own preconditioner;
-  * the remaining dims are merged into the most square (rows, cols) split, with no
-    padding (a scalar is (1, 1), a vector (1, n)), as in quad-torch; the factor of a
-    size-1 dim is never fitted, so a vector has one diagonal factor, as in psgd_torch;
-  * optionally a huge rows/cols dim is cut into equal blocks, each block becoming
-    one more batch entry with factors of its own.
-Each of the two matrix dims then gets a dense (d, d) or a diagonal (d,) factor.
+  * by default the remaining dims are merged into the most square (rows, cols)
+    split, with no padding, as in quad-torch (a scalar is (1, 1), a vector (1, n));
+    with merge_dims=False a tensor of rank 3 or more keeps its dims, one factor each,
+    as in psgd_torch. The factor of a size-1 dim is never fitted, so a vector has one
+    diagonal factor, as in psgd_torch;
+  * optionally a huge dim is cut into equal blocks, each block becoming one more batch
+    entry with factors of its own.
+Each dim of a block then gets a dense (d, d) or a diagonal (d,) factor.
 """
 
 import dataclasses
@@ -28,35 +30,35 @@ class Layout:
   param_shape: tuple[int, ...]
   scanned: bool
   layers: int  # size of the scanned axis (1 when not scanned)
-  rows: int  # rows of the merged matrix, before blocking
-  cols: int
-  row_blocks: int
-  col_blocks: int
-  dense: tuple[bool, bool]  # factor kind of (block rows, block cols)
+  dims: tuple[int, ...]  # the tensor each layer is seen as, before blocking
+  blocks: tuple[int, ...]  # number of equal blocks along each of `dims`
+  dense: tuple[bool, ...]  # factor kind of each block dim
 
   @property
   def batch(self) -> int:
-    return self.layers * self.row_blocks * self.col_blocks
+    return self.layers * math.prod(self.blocks)
 
   @property
-  def block_shape(self) -> tuple[int, int]:
-    return self.rows // self.row_blocks, self.cols // self.col_blocks
+  def block_shape(self) -> tuple[int, ...]:
+    return tuple(d // b for d, b in zip(self.dims, self.blocks))
 
   @property
-  def fitted(self) -> tuple[bool, bool]:
-    """Which factors the fit moves. A size-1 dim's factor stays fixed (the other one
-    carries the scale), so a vector, laid out as (1, n), is fitted by one diagonal
-    factor as in the reference, not by two that both fit its overall scale. A (1, 1)
-    scalar keeps its second factor fitted."""
-    rows, cols = self.block_shape
-    return rows > 1, cols > 1 or rows == 1
+  def fitted(self) -> tuple[bool, ...]:
+    """Which factors the fit moves. A size-1 dim's factor stays fixed (the others
+    carry the scale), so a vector, laid out as (1, n), is fitted by one diagonal
+    factor as in the reference, not by two that both fit its overall scale. When every
+    dim has size 1 the last factor is fitted."""
+    shape = self.block_shape
+    if all(d == 1 for d in shape):
+      return (False,) * (len(shape) - 1) + (True,)
+    return tuple(d > 1 for d in shape)
 
   @property
   def num_factors(self) -> int:
-    return len(self.dense)
+    return len(self.dims)
 
   def factor_shapes(self) -> tuple[tuple[int, ...], ...]:
-    """Shapes of the two factor arrays, with the batch axis first."""
+    """Shapes of the factor arrays, with the batch axis first."""
     return tuple(
         (self.batch, d, d) if dense else (self.batch, d)
         for d, dense in zip(self.block_shape, self.dense))
@@ -86,40 +88,49 @@ def num_blocks(size: int, block_size: Optional[int]) -> int:
 
 
 def plan_layout(shape: tuple[int, ...], scanned: bool, *, max_size: int, max_skew: float,
-                min_ndim: int, memory_save_mode: Optional[str],
-                block_size: Optional[int]) -> Layout:
+                min_ndim: int, memory_save_mode: Optional[str], block_size: Optional[int],
+                merge_dims: bool = True) -> Layout:
   """Layout for one parameter of the given shape."""
   if scanned and len(shape) == 0:
     raise ValueError("scanned_layers marks a scalar parameter; a scanned parameter needs a "
                      "leading layer axis.")
   layers = shape[0] if scanned else 1
-  inner = shape[1:] if scanned else shape
-  rows, cols = most_square_split(inner)
-  row_blocks, col_blocks = num_blocks(rows, block_size), num_blocks(cols, block_size)
-  sizes = (rows // row_blocks, cols // col_blocks)
-  numel = sizes[0] * sizes[1]
+  inner = tuple(shape[1:] if scanned else shape)
+  dims = most_square_split(inner) if merge_dims or len(inner) < 3 else inner
+  blocks = tuple(num_blocks(d, block_size) for d in dims)
+  sizes = [d // b for d, b in zip(dims, blocks)]
+  numel = math.prod(sizes)
   dense = [d > 1 and d <= max_size and d * d <= max_skew * numel and len(inner) >= min_ndim
            for d in sizes]
   if memory_save_mode == "all_diag":
-    dense = [False, False]
+    dense = [False] * len(sizes)
   elif memory_save_mode == "one_diag":
-    dense[0 if sizes[0] > sizes[1] else 1] = False
-  return Layout(tuple(shape), scanned, layers, rows, cols, row_blocks, col_blocks,
-                tuple(dense))
+    dense[max(range(len(sizes)), key=lambda i: (sizes[i], i))] = False
+  return Layout(tuple(shape), scanned, layers, tuple(dims), blocks, tuple(dense))
 
 
-def to_matrices(x: jnp.ndarray, layout: Layout) -> jnp.ndarray:
-  """Parameter-shaped array -> (batch, block_rows, block_cols)."""
-  br, bc = layout.block_shape
-  x = x.reshape(layout.layers, layout.row_blocks, br, layout.col_blocks, bc)
-  return x.transpose(0, 1, 3, 2, 4).reshape(layout.batch, br, bc)
+def _block_axes(layout: Layout) -> tuple[int, ...]:
+  """Permutation of (layers, blocks_0, size_0, blocks_1, size_1, ...) that puts the
+  layer and block axes first."""
+  n = layout.num_factors
+  return (0, *(1 + 2 * i for i in range(n)), *(2 + 2 * i for i in range(n)))
 
 
-def from_matrices(m: jnp.ndarray, layout: Layout) -> jnp.ndarray:
-  """Inverse of `to_matrices`."""
-  br, bc = layout.block_shape
-  m = m.reshape(layout.layers, layout.row_blocks, layout.col_blocks, br, bc)
-  return m.transpose(0, 1, 3, 2, 4).reshape(layout.param_shape)
+def to_blocks(x: jnp.ndarray, layout: Layout) -> jnp.ndarray:
+  """Parameter-shaped array -> (batch, *block_shape)."""
+  split = [layout.layers]
+  for b, s in zip(layout.blocks, layout.block_shape):
+    split += [b, s]
+  return x.reshape(split).transpose(_block_axes(layout)).reshape(
+      layout.batch, *layout.block_shape)
+
+
+def from_blocks(m: jnp.ndarray, layout: Layout) -> jnp.ndarray:
+  """Inverse of `to_blocks`."""
+  m = m.reshape(layout.layers, *layout.blocks, *layout.block_shape)
+  axes = _block_axes(layout)
+  inverse = sorted(range(len(axes)), key=axes.__getitem__)
+  return m.transpose(inverse).reshape(layout.param_shape)
 
 
 def format_table(paths: list[str], layouts: list[Layout], factor_bytes: int) -> str:

@@ -2,9 +2,9 @@
 
 The rule (each state leaf of a parameter with spec `ps`):
   * momentum: `ps`, like its parameter;
-  * factors (one params-shaped tree per factor slot), each (batch, d, d) or (batch, d): the batch axis takes the spec of the
-    parameter's first dim when it is the layer axis (batch == shape[0] > 1), else None;
-    the first d axis is spread over the remaining mesh axes, largest first, taking each
+  * factors (one params-shaped tree per factor slot), each (batch, d, d) or (batch, d):
+    the batch axis takes the spec of the parameter's first dim when it is the layer
+    axis (batch == shape[0] > 1), else None; the first d axis is spread over the remaining mesh axes, largest first, taking each
     axis whose size still divides d, so that no device holds every factor;
   * cached P factors (cache_preconditioner): as the factors;
   * Lipschitz memory (batch, number of factors): the batch axis as above;

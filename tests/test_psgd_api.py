@@ -29,7 +29,8 @@ def test_static_args_are_every_argument_but_the_hyperparams():
   # Pinned: a new argument of kron must be classified here on purpose.
   assert psgd.STATIC_ARGS == (
       "b1", "weight_decay_mask", "max_size_triangular", "max_skew_triangular",
-      "min_ndim_triangular", "memory_save_mode", "block_size", "preconditioner_init_scale",
+      "min_ndim_triangular", "memory_save_mode", "block_size", "merge_dims",
+      "preconditioner_init_scale",
       "preconditioner_mode", "cache_preconditioner", "whiten_grad", "lr_style", "mu_dtype",
       "precond_dtype", "precond_update_precision", "precond_grads_precision",
       "scanned_layers", "lax_map_scanned_layers", "lax_map_batch_size", "seed")

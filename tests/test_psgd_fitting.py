@@ -148,3 +148,36 @@ def test_procrustes_steps_rotate_towards_spd_and_keep_singular_values():
   np.testing.assert_allclose(np.linalg.svd(q, compute_uv=False),
                              np.linalg.svd(spd, compute_uv=False), rtol=1e-3)
   np.testing.assert_allclose(q, spd, atol=1e-3)
+
+
+def test_per_dim_factors_fit_a_three_factor_kronecker_covariance():
+  # A (4, 6, 8) gradient whose covariance is A (x) B (x) C, at the default size rules.
+  # With a factor per dim (merge_dims=False, psgd_torch's layout) every factor is dense
+  # and P fits C^(-1/2) to the noise floor of lr 0.1; merged into a (24, 8) matrix, the
+  # 24 side is diagonal (24^2 > 192 elements) and P cannot represent the target.
+  covs = [random_spd(seed, d, 10.0) for seed, d in zip((3, 4, 5), (4, 6, 8))]
+  roots = [jnp.asarray(matrix_power(c, 0.5), jnp.float32) for c in covs]
+  target = np.kron(np.kron(*[matrix_power(c, -0.5) for c in covs[:2]]),
+                   matrix_power(covs[2], -0.5))
+
+  def gradient(key):
+    g = jax.random.normal(key, (4, 6, 8))
+    for axis, root in enumerate(roots):
+      g = fitting.along(root, g, axis)
+    return g
+
+  def error(merge_dims):
+    tx = psgd.scale_by_kron(b1=0.0, preconditioner_update_probability=1.0,
+                            preconditioner_lr=0.1, merge_dims=merge_dims)
+    body = lambda state, key: (tx.update(gradient(key), state)[1], None)
+    keys = jax.random.split(jax.random.key(1), 1000)
+    state = jax.jit(lambda s: jax.lax.scan(body, s, keys)[0])(tx.init(jnp.zeros((4, 6, 8))))
+    p = np.ones((1, 1))
+    for f in fitting.preconditioner_factors("Q0.5EQ1.5", tuple(f[0] for f in state.factors)):
+      p = np.kron(p, as_matrix(f))
+    return np.linalg.norm(p - target) / np.linalg.norm(target)
+
+  per_dim, merged = error(False), error(True)
+  print(f"relative error of P: per dim {per_dim:.3f}, merged {merged:.3f}")
+  assert per_dim < 0.12
+  assert merged > 0.3

@@ -29,7 +29,7 @@ def run_steps(tx, params, grad_fn, steps):
 def test_layout_reshapes_to_most_square_and_picks_factor_kinds():
   lay = layout_lib.plan_layout((4, 8, 16), False, max_size=8192, max_skew=1.0, min_ndim=2,
                                memory_save_mode=None, block_size=None)
-  assert (lay.rows, lay.cols) == (32, 16) and lay.dense == (False, True)
+  assert lay.dims == (32, 16) and lay.dense == (False, True)
   square = layout_lib.plan_layout((64, 64), False, max_size=8192, max_skew=1.0, min_ndim=2,
                                   memory_save_mode=None, block_size=None)
   assert square.dense == (True, True)
@@ -38,7 +38,8 @@ def test_layout_reshapes_to_most_square_and_picks_factor_kinds():
   assert capped.dense == (False, False)
   vector = layout_lib.plan_layout((7,), False, max_size=8192, max_skew=1.0, min_ndim=2,
                                   memory_save_mode=None, block_size=None)
-  assert (vector.rows, vector.cols, vector.dense) == (1, 7, (False, False))
+  assert (vector.dims, vector.dense, vector.fitted) == ((1, 7), (False, False),
+                                                          (False, True))
   one_diag = layout_lib.plan_layout((64, 32), False, max_size=8192, max_skew=float("inf"),
                                     min_ndim=2, memory_save_mode="one_diag", block_size=None)
   assert one_diag.dense == (False, True)
@@ -49,10 +50,32 @@ def test_blocks_split_a_huge_dim_and_round_trip():
                                min_ndim=2, memory_save_mode=None, block_size=4)
   assert lay.block_shape == (4, 2) and lay.batch == 3 * 3 * 5
   x = jnp.arange(3 * 12 * 10.0).reshape(3, 12, 10)
-  blocks = layout_lib.to_matrices(x, lay)
+  blocks = layout_lib.to_blocks(x, lay)
   np.testing.assert_array_equal(blocks[0], x[0, :4, :2])
   np.testing.assert_array_equal(blocks[6], x[0, 4:8, 2:4])
-  np.testing.assert_array_equal(layout_lib.from_matrices(blocks, lay), x)
+  np.testing.assert_array_equal(layout_lib.from_blocks(blocks, lay), x)
+
+
+def test_per_dim_layout_keeps_a_tensors_dims_and_round_trips_blocks():
+  lay = layout_lib.plan_layout((2, 6, 1, 8), True, max_size=8192, max_skew=1.0,
+                               min_ndim=2, memory_save_mode=None, block_size=4,
+                               merge_dims=False)
+  # (6, 1, 8) keeps its dims; 6 and 8 are cut into blocks of at most 4.
+  assert lay.dims == (6, 1, 8) and lay.blocks == (2, 1, 2) and lay.block_shape == (3, 1, 4)
+  assert lay.batch == 2 * 2 * 2 and lay.fitted == (True, False, True)
+  assert lay.dense == (True, False, False)  # 3^2 <= 12 elements < 4^2; size 1: never
+  x = jnp.arange(2 * 6 * 8.0).reshape(2, 6, 1, 8)
+  blocks = layout_lib.to_blocks(x, lay)
+  assert blocks.shape == (8, 3, 1, 4)
+  np.testing.assert_array_equal(blocks[3], x[0, 3:6, :, 4:8])
+  np.testing.assert_array_equal(blocks[4], x[1, :3, :, :4])
+  np.testing.assert_array_equal(layout_lib.from_blocks(blocks, lay), x)
+  merged = layout_lib.plan_layout((6, 1, 8), False, max_size=8192, max_skew=1.0,
+                                  min_ndim=2, memory_save_mode=None, block_size=None)
+  assert merged.dims == (6, 8)
+  assert layout_lib.plan_layout((5, 3), False, max_size=8192, max_skew=1.0, min_ndim=2,
+                                memory_save_mode=None, block_size=None,
+                                merge_dims=False).dims == (5, 3)
 
 
 def test_layout_table_lists_every_param_and_its_bytes():
@@ -169,23 +192,31 @@ def test_cache_is_a_no_op_for_modes_storing_p():
 # ------------------------------------------------------------------ numerics
 
 
-def test_bf16_state_stays_finite_on_ill_conditioned_problem():
-  scales = jnp.logspace(0, 4, 32)  # condition number 1e4 along the columns
+@pytest.mark.parametrize("seed", [0, 5])
+def test_bf16_state_stays_finite_and_converges_on_ill_conditioned_problem(seed):
+  # bfloat16 factors, momentum and matmul operands on a quadratic with curvature
+  # spread over 1e4. The fit's noise must be at bfloat16's resolution: noise at
+  # float32's rounds away, P grows without bound where gradients vanish, and runs
+  # stall or blow up depending on the seed (both seeds here ended above their start).
+  scales = jnp.logspace(0, 4, 32)
 
   def grad_fn(p):
     return {"w": p["w"] * scales, "b": p["b"] * 1e-3}
 
+  def loss(p):
+    return float(jnp.sum(scales * p["w"] ** 2))
+
   tx = psgd.kron(1e-2, mu_dtype=jnp.bfloat16, precond_dtype=jnp.bfloat16,
                  precond_update_precision="bfloat16", precond_grads_precision="bfloat16",
-                 preconditioner_update_probability=1.0)
-  params = {"w": jnp.ones((16, 32)), "b": jnp.ones((32,))}
-  params, state = run_steps(tx, params, grad_fn, 3000)
+                 preconditioner_update_probability=1.0, seed=seed)
+  start = {"w": jnp.ones((16, 32)), "b": jnp.ones((32,))}
+  params, state = run_steps(tx, start, grad_fn, 3000)
   assert state[0].factors[1]["w"].dtype == jnp.bfloat16
   assert state[0].mu["w"].dtype == jnp.bfloat16
   for leaf in jax.tree.leaves((params, state)):
     if jnp.issubdtype(leaf.dtype, jnp.floating):
       assert bool(jnp.all(jnp.isfinite(leaf)))
-  assert float(jnp.abs(params["w"]).max()) < 1.0  # and it made progress
+  assert loss(params) < 1e-3 * loss(start)
 
 
 def test_zero_gradients_at_first_steps_give_no_nan_and_defer_the_scale():
@@ -213,16 +244,19 @@ def random_spd(seed, n, cond):
 
 def test_kron_beats_tuned_adam_on_ill_conditioned_quadratic():
   # f(W) = 1/2 <W - W*, A (W - W*) B>, cond(A (x) B) = 1e6; best of a learning-rate sweep
-  # for each optimizer, same step budget; Kron also with every matmul in bfloat16.
+  # for each optimizer, same step budget; Kron also with every matmul in bfloat16. At a
+  # constant rate both end oscillating at a floor; Kron's (median over three seeds of
+  # its refit decisions and noise, which move it by up to 3x) is about 10x below Adam's.
   a, b = random_spd(0, 16, 1e3), random_spd(1, 12, 1e3)
   target = jax.random.normal(jax.random.key(1), (16, 12))
   loss = lambda w: 0.5 * jnp.sum((w - target) * (a @ (w - target) @ b))
   final = lambda tx: float(loss(run_steps(tx, jnp.zeros((16, 12)), jax.grad(loss), 300)[0]))
   adam = min(final(optax.adam(lr)) for lr in (0.1, 0.3, 1.0, 3.0))
   for precision in ("tensorfloat32", "bfloat16"):
-    kron = min(final(psgd.kron(lr, precond_update_precision=precision,
-                               precond_grads_precision=precision)) for lr in (0.03, 0.1))
-    assert kron * 10 <= adam, (precision, kron, adam)
+    kron = np.median([min(final(psgd.kron(lr, precond_update_precision=precision,
+                                          precond_grads_precision=precision, seed=seed))
+                              for lr in (0.03, 0.1)) for seed in range(3)])
+    assert kron * 5 <= adam, (precision, kron, adam)
 
 
 def test_small_mlp_trains():
@@ -345,3 +379,19 @@ def test_mask_not_matching_params_is_refused(mask_name):
   tx = psgd.kron(1e-3, weight_decay=0.1, **{mask_name: {"w": True}})
   with pytest.raises(ValueError, match=mask_name):
     tx.init(params)
+
+
+def test_per_dim_state_saves_and_restores_with_orbax(tmp_path):
+  # A matrix beside a rank-3 tensor with merge_dims=False leaves one factor slot of the
+  # matrix unused; its placeholder must be an array Orbax can save (not an empty one).
+  import orbax.checkpoint as ocp
+  params = {"wq": jnp.ones((8, 2, 4)), "w": jnp.ones((8, 6))}
+  tx = psgd.kron(1e-2, merge_dims=False)
+  _, state = tx.update(params, tx.init(params), params)
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(tmp_path / "state", state)
+    checkpointer.wait_until_finished()
+    restored = checkpointer.restore(tmp_path / "state", jax.eval_shape(lambda: state))
+  assert jax.tree.structure(restored) == jax.tree.structure(state)
+  for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
+    np.testing.assert_array_equal(a, b)

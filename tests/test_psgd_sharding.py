@@ -69,3 +69,40 @@ def test_state_specs_spread_factors_and_jit_matches_one_device():
   assert math.prod(shard_shape) * 8 == math.prod(dense.shape)  # no device holds all
   for a, b in zip(jax.tree.leaves(p_sharded), jax.tree.leaves(p_single)):
     np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
+
+
+def test_per_dim_factors_shard_and_match_one_device():
+  # merge_dims=False: an attention-like (layers, embed, heads, head_dim) param has three
+  # factors per layer, a matrix two; the matrix's third slot holds a (batch, 1) placeholder.
+  mesh = jax.make_mesh((4, 2), ("fsdp", "tensor"),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  keys = jax.random.split(jax.random.key(1), 2)
+  make_params = lambda: {"wq": jax.random.normal(keys[0], (2, 32, 4, 8)),
+                         "embed": jax.random.normal(keys[1], (64, 32))}
+  param_specs = {"wq": P(None, "fsdp", "tensor", None), "embed": P("fsdp", "tensor")}
+  tx = psgd.kron(1e-2, merge_dims=False, scanned_layers={"wq": True, "embed": False},
+                 preconditioner_update_probability=1.0)
+  state = jax.eval_shape(tx.init, make_params())
+  assert [f["wq"].shape for f in state[0].factors] == [(2, 32, 32), (2, 4, 4), (2, 8, 8)]
+  assert state[0].factors[2]["embed"].shape == (1, 1)
+  specs = psgd.state_partition_specs(state, make_params(), param_specs, mesh)
+  assert specs[0].factors[2]["embed"] == P(None, None)
+  assert specs[0].factors[0]["wq"] == P(None, ("fsdp", "tensor"), None)
+
+  shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), (param_specs, specs),
+                           is_leaf=lambda x: isinstance(x, P))
+  grads_fn = lambda p: jax.tree.map(lambda x: jnp.tanh(x) + 0.1 * x**2, p)
+
+  def train(p, jit_kwargs):
+    step = jax.jit(lambda p, s: (lambda u, s: (optax.apply_updates(p, u), s))(
+        *tx.update(grads_fn(p), s, p)), **jit_kwargs)
+    s = jax.jit(tx.init, **({"out_shardings": shardings[1]} if jit_kwargs else {}))(p)
+    for _ in range(5):
+      p, s = step(p, s)
+    return p
+
+  sharded = train(jax.device_put(make_params(), shardings[0]),
+                  dict(in_shardings=shardings, out_shardings=shardings))
+  single = train(make_params(), {})
+  for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(single)):
+    np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)

@@ -136,6 +136,9 @@ def default_config() -> ml_collections.ConfigDict:
           max_skew_triangular=1.0,
           memory_save_mode=ml_collections.config_dict.placeholder(str),
           block_size=ml_collections.config_dict.placeholder(int),
+          # Rank >= 3 params (attention's (embed, heads, head_dim)): one matrix with two
+          # factors (True), or a factor per dim (False, psgd_torch's layout).
+          merge_dims=True,
           lr_style="adam",
           mu_dtype=ml_collections.config_dict.placeholder(str),
           precond_dtype=ml_collections.config_dict.placeholder(str),
