@@ -2,6 +2,7 @@
 
 import doctest
 import importlib
+import importlib.metadata
 import inspect
 
 import jax
@@ -78,3 +79,8 @@ def test_docstrings_document_every_argument(fn):
     assert section in doc
   for name in inspect.signature(fn).parameters:
     assert f"\n  {name}: " in doc, name
+
+
+def test_version_is_the_distributions():
+  # pyproject reads the version from psgd.__version__: one source for both.
+  assert psgd.__version__ == importlib.metadata.version("psgd-train")
