@@ -9,12 +9,17 @@ and prints blocking time / (save interval x step time).
 
 import argparse
 import importlib.util
+import pathlib
 import statistics
+import sys
 import tempfile
 import time
 
 import jax
 import numpy as np
+
+# The trainer is used from this checkout, not installed: put the checkout on the path.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from trainer import checkpoint as checkpoint_lib
 from trainer import data as data_lib

@@ -21,11 +21,15 @@ import importlib.util
 import json
 import pathlib
 import statistics
+import sys
 import tempfile
 import time
 
 import jax
 import numpy as np
+
+# The trainer is used from this checkout, not installed: put the checkout on the path.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 import psgd
 

@@ -8,12 +8,17 @@ repository root:
 """
 
 import argparse
+import pathlib
 import statistics
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+# The trainer is used from this checkout, not installed: put the checkout on the path.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 import models
 

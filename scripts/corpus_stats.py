@@ -6,10 +6,15 @@ splits back through the TFDS data sources the pipeline uses.
     python scripts/corpus_stats.py
 """
 
+import pathlib
+import sys
 import tempfile
 import time
 
 import numpy as np
+
+# The trainer is used from this checkout, not installed: put the checkout on the path.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from trainer.data import stdlib_corpus
 

@@ -17,11 +17,16 @@ whitening Muon has from its first step.
 import argparse
 import ast
 import importlib.util
+import pathlib
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+# The trainer is used from this checkout, not installed: put the checkout on the path.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 import models
 from trainer import data as data_lib

@@ -85,7 +85,7 @@ def step_commands(args, step: str) -> list:
               f"-C {REMOTE_DIR} && cd {REMOTE_DIR} && python3 -m pip install -q uv && "
               f"python3 -m uv venv -q --python 3.11 {REMOTE_VENV} && "
               f"python3 -m uv pip install -q --python {REMOTE_VENV}/bin/python "
-              "-c .ci/constraints.txt -e '.[tpu,sentencepiece]' gcsfs")
+              "-c .ci/constraints.txt -e '.[train,tpu,sentencepiece]' gcsfs")
     return [f"git ls-files -co --exclude-standard -z | tar -czf {archive(args)} --null -T -",
             [*gcloud(args, "tpu-vm", "scp", archive(args), f"{args.name}:~/"),
              "--worker=all"],

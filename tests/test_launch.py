@@ -33,7 +33,7 @@ def test_tpu_launcher_creates_installs_trains_on_every_host_streams_and_deletes(
   for line, worker in ((install, "all"), (train, "all"), (logs, "0")):
     argv = shlex.split(line)
     assert argv[:-2] == [*ssh, f"--worker={worker}"] and argv[-2] == "--command"
-  assert "-e '.[tpu,sentencepiece]'" in shlex.split(install)[-1]
+  assert "-e '.[train,tpu,sentencepiece]'" in shlex.split(install)[-1]
   remote_train = shlex.split(train)[-1]
   assert ("~/psgd-venv/bin/python -m trainer.main --config configs/llm_tpu.py:v5p-16 "
           "--workdir gs://bkt/runs/1 --config.train.steps=100") in remote_train

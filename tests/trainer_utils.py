@@ -43,9 +43,11 @@ def trainer_command(workdir, *overrides) -> list[str]:
 
 
 def trainer_env() -> dict[str, str]:
-  """The test environment (compilation cache included) with one CPU device."""
+  """The test environment (compilation cache included) with one CPU device, and the
+  checkout on the path (the trainer is not installed), so it runs from any directory."""
   return {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1 "
-          "--xla_cpu_enable_concurrency_optimized_scheduler=false"}
+          "--xla_cpu_enable_concurrency_optimized_scheduler=false",
+          "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
 
 
 def run_trainer(workdir, *overrides, timeout=600) -> subprocess.CompletedProcess:
