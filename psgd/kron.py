@@ -62,7 +62,7 @@ class KronState(NamedTuple):
 # ------------------------------------------------------------------- arguments
 
 
-def _mask_like(mask, params, name: str):
+def mask_like(mask, params, name: str):
   """A bool per parameter, in the params' structure, from a mask given as a tree of
   bools shaped like params (or a prefix of it), or a callable of params returning one."""
   if mask is None:
@@ -130,7 +130,7 @@ def plan_layouts(params, scanned_layers: MaskOrFn = None, *, max_size_triangular
                  memory_save_mode: Optional[str] = None, block_size: Optional[int] = None,
                  merge_dims: bool = True):
   """A tree of `Layout`s (one per parameter) for params under these settings."""
-  mask = _mask_like(scanned_layers, params, "scanned_layers")
+  mask = mask_like(scanned_layers, params, "scanned_layers")
   plan = functools.partial(layout_lib.plan_layout, max_size=max_size_triangular,
                            max_skew=max_skew_triangular, min_ndim=min_ndim_triangular,
                            memory_save_mode=memory_save_mode, block_size=block_size,
@@ -596,7 +596,7 @@ def _masked_weight_decay(weight_decay: float, mask: MaskOrFn) -> optax.GradientT
 
   def init_fn(params):
     if mask is not None:
-      _mask_like(mask, params, "weight_decay_mask")
+      mask_like(mask, params, "weight_decay_mask")
     return inner.init(params)
 
   return optax.GradientTransformation(init_fn, inner.update)

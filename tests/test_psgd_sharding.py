@@ -25,10 +25,10 @@ def test_state_specs_spread_factors_and_jit_matches_one_device():
   params = make_params()
   param_specs = {"embed": P("fsdp", "tensor"), "layers": P("fsdp", None, "tensor"),
                  "norm": P()}
-  tx = psgd.kron(1e-2, scanned_layers={"embed": False, "layers": True, "norm": False},
-                 preconditioner_update_probability=1.0)
+  scanned = {"embed": False, "layers": True, "norm": False}
+  tx = psgd.kron(1e-2, scanned_layers=scanned, preconditioner_update_probability=1.0)
   specs = psgd.state_partition_specs(jax.eval_shape(tx.init, params), params, param_specs,
-                                     mesh)
+                                     mesh, scanned_layers=scanned)
   kron_specs = specs[0]
   assert kron_specs.mu == param_specs
   # embed (64, 32): diag(64) x dense(32); dense factor spread over both axes (32 % 8 == 0).
@@ -37,11 +37,15 @@ def test_state_specs_spread_factors_and_jit_matches_one_device():
   assert kron_specs.factors[0]["layers"] == P("fsdp", "tensor", None)
   assert kron_specs.lipschitz["layers"] == P("fsdp", None)
   assert kron_specs.count == P()
-  cached = psgd.kron(1e-2, scanned_layers={"embed": False, "layers": True, "norm": False},
-                     cache_preconditioner=True)
+  cached = psgd.kron(1e-2, scanned_layers=scanned, cache_preconditioner=True)
   cached_specs = psgd.state_partition_specs(jax.eval_shape(cached.init, params), params,
-                                            param_specs, mesh)[0]
+                                            param_specs, mesh, scanned_layers=scanned)[0]
   assert cached_specs.precond == cached_specs.factors == kron_specs.factors
+  # The layer axis comes from the mask, not from shapes: unmarked, the batch axis of the
+  # same factors is not placed, although its size equals the param's first dim.
+  unmarked = psgd.state_partition_specs(jax.eval_shape(tx.init, params), params,
+                                        param_specs, mesh)[0]
+  assert unmarked.factors[0]["layers"] == P(None, ("fsdp", "tensor"), None)
 
   to_sharding = lambda tree: jax.tree.map(lambda s: NamedSharding(mesh, s), tree,
                                           is_leaf=lambda x: isinstance(x, P))
@@ -85,7 +89,8 @@ def test_per_dim_factors_shard_and_match_one_device():
   state = jax.eval_shape(tx.init, make_params())
   assert [f["wq"].shape for f in state[0].factors] == [(2, 32, 32), (2, 4, 4), (2, 8, 8)]
   assert state[0].factors[2]["embed"].shape == (1, 1)
-  specs = psgd.state_partition_specs(state, make_params(), param_specs, mesh)
+  specs = psgd.state_partition_specs(state, make_params(), param_specs, mesh,
+                                     scanned_layers={"wq": True, "embed": False})
   assert specs[0].factors[2]["embed"] == P(None, None)
   assert specs[0].factors[0]["wq"] == P(None, ("fsdp", "tensor"), None)
 

@@ -83,10 +83,11 @@ def _check_divisible(abstract_params, param_specs, mesh) -> None:
             "logical axis to None in mesh.rules.")
 
 
-def _opt_state_specs(config, tx, abstract_params, param_specs, mesh):
+def _opt_state_specs(config, tx, abstract_params, param_specs, mesh, scanned_layers):
   abstract_state = jax.eval_shape(tx.init, abstract_params)
   if config.optimizer.name == "kron":
-    return psgd.state_partition_specs(abstract_state, abstract_params, param_specs, mesh)
+    return psgd.state_partition_specs(abstract_state, abstract_params, param_specs, mesh,
+                                      scanned_layers)
   return _specs_like_params(abstract_state, abstract_params, param_specs)
 
 
@@ -135,13 +136,13 @@ def build_setup(config, devices=None, check_vocab: bool = True) -> Setup:
                      f"tokenizer's {data_lib.vocab_size(config.data)} tokens.")
 
   # Optimizer, with masks and state shardings from the same metadata.
+  scanned_layers = nnx.to_pure_dict(models.scanned_mask(abstract_params_state))
   tx, schedule = optim.make_optimizer(
-      config.optimizer, config.train.steps,
-      scanned_layers=nnx.to_pure_dict(models.scanned_mask(abstract_params_state)),
+      config.optimizer, config.train.steps, scanned_layers=scanned_layers,
       weight_decay_mask=nnx.to_pure_dict(models.weight_decay_mask(abstract_params_state)),
       matrix_axes=nnx.to_pure_dict(models.matrix_axes(abstract_params_state)),
       width_multiplier=config.model.get("width_multiplier", 1))
-  opt_specs = _opt_state_specs(config, tx, abstract_params, param_specs, mesh)
+  opt_specs = _opt_state_specs(config, tx, abstract_params, param_specs, mesh, scanned_layers)
   state_specs = step_lib.TrainState(step=P(), params=param_specs, opt_state=opt_specs,
                                     rng=P(), nonfinite_in_a_row=P())
   state_shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), state_specs,
