@@ -7,7 +7,10 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import models
 from trainer import dry_run
@@ -82,3 +85,51 @@ def test_a_step_too_big_for_the_chip_fails_the_check():
   assert result.returncode == 1, result.stderr[-3000:]
   assert "DOES NOT FIT: the compiler refused it: RESOURCE_EXHAUSTED" in result.stdout
   assert "model.remat='full'" in result.stdout  # and says what to change
+
+
+def test_collectives_are_counted_with_their_bytes_in_a_compiled_program():
+  # One collective of each kind, on the 8 local devices, with known result sizes.
+  mesh = jax.make_mesh((8,), ("x",), axis_types=(jax.sharding.AxisType.Explicit,))
+
+  def body(a, b, c, d, e):
+    return (jax.lax.psum(a, "x"), jax.lax.all_gather(b, "x", tiled=True),
+            jax.lax.psum_scatter(c, "x", tiled=True), jax.lax.all_to_all(d, "x", 0, 0, tiled=True),
+            jax.lax.ppermute(e, "x", [(i, (i + 1) % 8) for i in range(8)]))
+
+  step = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P("x"), check_vma=False,
+                               out_specs=(P(), P(), P("x"), P("x"), P("x"))))
+  arg = jax.ShapeDtypeStruct((8 * 16,), jnp.float32, sharding=NamedSharding(mesh, P("x")))
+  cost = dry_run.Cost.of(step.lower(*[arg] * 5).compile())
+  # Per device: 16 floats reduced, 128 gathered, 2 scattered, 16 exchanged, 16 passed on.
+  assert cost.collectives == {"all-reduce": (1, 64), "all-gather": (1, 512),
+                              "reduce-scatter": (1, 8), "all-to-all": (1, 64),
+                              "collective-permute": (1, 64)}
+  assert cost.collective_bytes == 712 and cost.bytes_accessed > 0
+
+
+def test_async_collectives_count_their_results_once():
+  # TPU programs start and finish collectives apart; a gather's start holds operands then
+  # results, an all-reduce's its results; the -done ops are not counted again.
+  hlo = """
+    %ags = ((f32[2]{0}, bf16[4]{0}), (f32[16]{0}, bf16[32]{0})) all-gather-start(%a, %b)
+    %agd = (f32[16]{0}, bf16[32]{0}) all-gather-done(%ags)
+    %ars = f32[4,4]{1,0} all-reduce-start(%c), to_apply=%add
+    %ard = f32[4,4]{1,0} all-reduce-done(%ars)
+    %fusion = f32[16]{0} fusion(f32[16]{0} %agd), calls=%all-gather.clone
+  """
+  found = dry_run.collectives(hlo)
+  assert found["all-gather"] == (1, 16 * 4 + 32 * 2)
+  assert found["all-reduce"] == (1, 64)
+  assert found["all-to-all"] == (0, 0)
+
+
+def test_dry_run_compare_prints_both_optimizers_costs_and_ratios(capsys):
+  config = tiny_config()
+  config.mesh.shape = (2, 2, 2)
+  assert dry_run.main(config, "", compare="adamw") == 0
+  out = capsys.readouterr().out
+  assert "Compiled train step cost per device (kron):" in out
+  comparison = out[out.index("Per device, kron vs adamw:"):].splitlines()
+  rows = {line.split()[0]: line for line in comparison[2:]}
+  assert {"flops", "bytes", "all-reduce", "collectives,", "compile", "optimizer"} <= set(rows)
+  assert rows["flops"].rstrip().endswith("x")  # a ratio on every row

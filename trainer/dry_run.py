@@ -6,15 +6,19 @@ builds the run (trainer/setup.py) on the target's mesh - a TPU topology that lib
 describes without the chips (`--topology v5p:2x2x2`, default config.dry_run.topology),
 or the local devices when the topology is '' - and reports the train state's bytes per
 device. Then it compiles the train step ahead of time for that target and compares the
-compiled step's memory per device with the chip's. No data or tokenizer is read, no
-array is allocated and nothing is written: a config that cannot fit fails here, not on
-a slice that is being paid for.
+compiled step's memory per device with the chip's, and reports what the step costs per
+device as the compiler sees it: flops, bytes accessed and the collectives of each kind
+(count and bytes). `--dry_run_compare=adamw` builds the same run with that optimizer
+and prints both side by side with the ratios, so an optimizer's cost on a slice is seen
+before the slice is paid for. No data or tokenizer is read, no array is allocated and
+nothing is written: a config that cannot fit fails here.
 """
 
 import collections
 import dataclasses
 import math
 import os
+import re
 import time
 from typing import Any, Optional
 
@@ -56,6 +60,72 @@ def bytes_per_device(tree: Any) -> int:
   return max(totals.values(), default=0)
 
 
+# ------------------------------------------------------------- the step's cost
+
+COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all",
+               "collective-permute")
+# `%name = <result shape> <op>(` with op a collective, synchronous or an async start.
+_COLLECTIVE_OP = re.compile(r"=\s*(?P<shape>.+?)\s+(?P<kind>" + "|".join(COLLECTIVES) +
+                            r")(?P<start>-start)?\(")
+_ARRAY = re.compile(r"\b(pred|[su]4|[su]8|[su]16|[su]32|[su]64|f8\w*|bf16|f16|f32|f64|c64|"
+                    r"c128)\[([\d,]*)\]")
+_BITS = {"pred": 8, "bf16": 16, "f16": 16, "f32": 32, "f64": 64, "c64": 64, "c128": 128}
+
+
+def _array_bytes(dtype: str, dims: str) -> float:
+  bits = _BITS.get(dtype) or (8 if dtype.startswith("f8") else int(dtype[1:]))
+  return math.prod(int(d) for d in dims.split(",") if d) * bits / 8
+
+
+def collectives(hlo_text: str) -> dict[str, tuple[int, float]]:
+  """{kind: (count, bytes)} of the collectives in a compiled HLO module's text.
+
+  Bytes are those of each op's result (the gathered array of an all-gather, the
+  scattered part of a reduce-scatter). An async start's result of a gather or permute
+  holds its operands, then its results: only the results count.
+  """
+  found = {kind: [0, 0.0] for kind in COLLECTIVES}
+  for match in _COLLECTIVE_OP.finditer(hlo_text):
+    arrays = [_array_bytes(*a) for a in _ARRAY.findall(match["shape"])]
+    if match["start"] and match["kind"] != "all-reduce":
+      arrays = arrays[len(arrays) // 2:]
+    found[match["kind"]][0] += 1
+    found[match["kind"]][1] += sum(arrays)
+  return {kind: (count, size) for kind, (count, size) in found.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class Cost:
+  """What one compiled step costs per device, as XLA's cost analysis and HLO show it."""
+
+  flops: float
+  bytes_accessed: float
+  collectives: dict  # kind -> (count, bytes)
+
+  @property
+  def collective_bytes(self) -> float:
+    return sum(size for _, size in self.collectives.values())
+
+  @classmethod
+  def of(cls, compiled) -> "Cost":
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, (list, tuple)):  # one entry per program on older jax
+      analysis = analysis[0]
+    return cls(flops=analysis.get("flops", 0.0),
+               bytes_accessed=analysis.get("bytes accessed", 0.0),
+               collectives=collectives(compiled.as_text()))
+
+  def rows(self) -> list[tuple[str, str, float]]:
+    """(name, printed value, number for ratios) per line of the report."""
+    rows = [("flops", f"{self.flops:.3g}", self.flops),
+            ("bytes accessed", _size(self.bytes_accessed).strip(), self.bytes_accessed)]
+    for kind, (count, size) in self.collectives.items():
+      rows.append((kind, f"{count} ops, {_size(size).strip()}", size))
+    rows.append(("collectives, all", _size(self.collective_bytes).strip(),
+                 self.collective_bytes))
+    return rows
+
+
 @dataclasses.dataclass(frozen=True)
 class Report:
   """What the check found; per-device figures are for the most loaded device."""
@@ -69,6 +139,8 @@ class Report:
   params_bytes: int
   opt_state_bytes: int
   memory: Any  # the compiled step's CompiledMemoryStats (per device); None if refused
+  cost: Optional[Cost]  # None if refused
+  optimizer: str
   compile_error: str  # the compiler's out-of-memory message, if it refused the step
   compile_seconds: float
   device_memory: Optional[int]  # bytes per chip; None where unknown (CPU)
@@ -115,7 +187,9 @@ class Report:
           f"  temporaries      {_size(m.temp_size_in_bytes)}",
           f"  code             {_size(m.generated_code_size_in_bytes)}",
           f"  total            {_size(self.step_bytes)}  {verdict}",
+          f"Compiled train step cost per device ({self.optimizer}):",
       ]
+      lines += [f"  {name:<20}{value}" for name, value, _ in self.cost.rows()]
     if self.fits is False:
       lines.append("To fit: fewer rows per device (train.global_batch_size, or more "
                    "train.microbatches), model.remat='full', more fsdp in mesh.shape, or "
@@ -130,13 +204,13 @@ def _size(num_bytes: int) -> str:
   return f"{num_bytes / 2**20:9.2f} MiB"
 
 
-def _compile_memory(run, config) -> tuple[Any, str]:
-  """(memory stats, '') of the compiled train step, or (None, message) when the compiler
-  finds it too big for the chip (TPU compilers refuse such programs)."""
+def _compile(run, config) -> tuple[Any, str]:
+  """(the compiled train step, '') or (None, message) when the compiler finds it too big
+  for the chip (TPU compilers refuse such programs)."""
   try:
     with jax.set_mesh(run.mesh):
       lowered = run.train_step.lower(run.abstract_state, run.abstract_batch(config))
-      return lowered.compile().memory_analysis(), ""
+      return lowered.compile(), ""
   except jax.errors.JaxRuntimeError as e:
     if "RESOURCE_EXHAUSTED" not in str(e):
       raise
@@ -148,21 +222,49 @@ def check(config, topology: str = "") -> Report:
   devices = target_devices(topology)
   run = setup_lib.build_setup(config, devices, check_vocab=False)
   start = time.perf_counter()
-  memory, compile_error = _compile_memory(run, config)
+  compiled, compile_error = _compile(run, config)
   return Report(
       target=topology or "local devices", device_kind=devices[0].device_kind,
       num_devices=len(devices), num_hosts=len({d.process_index for d in devices}),
       mesh_shape=dict(run.mesh.shape), num_params=run.num_params,
       params_bytes=bytes_per_device(run.abstract_state.params),
       opt_state_bytes=bytes_per_device(run.abstract_state.opt_state),
-      memory=memory, compile_error=compile_error,
+      memory=compiled and compiled.memory_analysis(),
+      cost=compiled and Cost.of(compiled), optimizer=config.optimizer.name,
+      compile_error=compile_error,
       compile_seconds=time.perf_counter() - start,
       device_memory=hardware.memory_per_device(devices[0]))
 
 
-def main(config, topology: Optional[str] = None) -> int:
-  """Print the check's report; the exit status is 1 if the step does not fit, else 0.
-  `topology` None means config.dry_run.topology."""
-  report = check(config, config.dry_run.topology if topology is None else topology)
+def comparison_lines(report: Report, other: Report) -> list[str]:
+  """Two reports' costs side by side, with report / other ratios."""
+  def ratio(a, b):
+    return f"{a / b:.2f}x" if b else ("1.00x" if a == b else "-")
+
+  header = f"  {'':<20}{report.optimizer:>24}{other.optimizer:>24}  ratio"
+  lines = [f"Per device, {report.optimizer} vs {other.optimizer}:", header]
+  rows = [("compile time", f"{report.compile_seconds:.0f} s", report.compile_seconds,
+           f"{other.compile_seconds:.0f} s", other.compile_seconds),
+          ("optimizer state", _size(report.opt_state_bytes).strip(), report.opt_state_bytes,
+           _size(other.opt_state_bytes).strip(), other.opt_state_bytes)]
+  if report.cost and other.cost:
+    rows += [(name, value, number, other_value, other_number)
+             for (name, value, number), (_, other_value, other_number)
+             in zip(report.cost.rows(), other.cost.rows())]
+  for name, value, number, other_value, other_number in rows:
+    lines.append(f"  {name:<20}{value:>24}{other_value:>24}  {ratio(number, other_number)}")
+  return lines
+
+
+def main(config, topology: Optional[str] = None, compare: str = "") -> int:
+  """Print the check's report (and, with `compare`, the same run's with that optimizer
+  beside it); the exit status is 1 if the step does not fit, else 0. `topology` None
+  means config.dry_run.topology."""
+  topology = config.dry_run.topology if topology is None else topology
+  report = check(config, topology)
   print("\n".join(report.lines()), flush=True)
+  if compare:
+    other_config = config.copy_and_resolve_references()
+    other_config.optimizer.name = compare
+    print("\n".join(comparison_lines(report, check(other_config, topology))), flush=True)
   return 1 if report.fits is False else 0

@@ -36,6 +36,9 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config file.",
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and config go here.")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Only check that the config fits its target "
                              "devices: memory per device, ahead-of-time compile (dry_run.py).")
+_DRY_RUN_COMPARE = flags.DEFINE_string(
+    "dry_run_compare", "", "With --dry_run: also build the run with this optimizer (e.g. "
+    "'adamw', 'muon') and print both steps' costs side by side.")
 _TOPOLOGY = flags.DEFINE_string("topology", None, "The dry run's target TPU topology, e.g. "
                                 "'v5p:2x2x2'; '' for the local devices. Default: "
                                 "config.dry_run.topology.")
@@ -244,7 +247,7 @@ def main(argv):
         f"Unexpected arguments {argv[1:]}: every setting is a flag, e.g. "
         f"--config.{argv[1].lstrip('-')} for {argv[1]!r}.")
   if _DRY_RUN.value:
-    return dry_run.main(_CONFIG.value, _TOPOLOGY.value)
+    return dry_run.main(_CONFIG.value, _TOPOLOGY.value, _DRY_RUN_COMPARE.value)
   if _WORKDIR.value is None:
     raise app.UsageError("--workdir is required.")
   logging.get_absl_handler().addFilter(_LIBRARY_LOGS)
