@@ -4,16 +4,17 @@ GPUs, joined by jax.distributed with the address of the first node as coordinato
 Plain ssh to a host list (the project installed at the same path on every node, the
 workdir on a shared file system or a bucket); prints every node's output, prefixed:
 
-    python scripts/launch_gpu.py ssh --hosts node1,node2 --config configs/my_gpu.py \
+    python scripts/launch_gpu.py ssh --hosts node1,node2 --config configs/llm_gpu.py:2 \
         --workdir /shared/runs/x [-- --config.train.steps=100]
 
 Slurm: writes a batch script running one task per node and submits it with sbatch:
 
     python scripts/launch_gpu.py slurm --nodes 2 --gpus_per_node 8 --partition gpu \
-        --config configs/my_gpu.py --workdir /shared/runs/x
+        --config configs/llm_gpu.py:2 --workdir /shared/runs/x
 
 Each process gets --config.distributed.mode=manual and the coordinator address, process
-count and its own process id as config overrides. --dry_run prints what would run (the
+count and its own process id as config overrides, and XLA_FLAGS set to --xla_flags
+(default GPU_XLA_FLAGS; '' leaves the nodes' own). --dry_run prints what would run (the
 ssh commands one per line; the batch script and the sbatch command) and runs nothing.
 """
 
@@ -25,6 +26,16 @@ import sys
 import threading
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
+# XLA's GPU flags for FSDP training: the latency-hiding scheduler overlaps the weights'
+# all-gathers and the gradients' reduce-scatters with the matmuls; collectives get the
+# high-priority stream; small collectives are combined up to 128 MiB.
+GPU_XLA_FLAGS = " ".join([
+    "--xla_gpu_enable_latency_hiding_scheduler=true",
+    "--xla_gpu_enable_highest_priority_async_stream=true",
+    "--xla_gpu_all_gather_combine_threshold_bytes=134217728",
+    "--xla_gpu_reduce_scatter_combine_threshold_bytes=134217728",
+    "--xla_gpu_all_reduce_combine_threshold_bytes=134217728",
+])
 
 
 def parse_args(argv):
@@ -38,6 +49,7 @@ def parse_args(argv):
     # Shell words on the nodes: ~ and $HOME expand there.
     p.add_argument("--repo_dir", default=str(REPO), help="the project on every node")
     p.add_argument("--python", default="python", help="its interpreter on every node")
+    p.add_argument("--xla_flags", default=GPU_XLA_FLAGS, help="XLA_FLAGS on every node")
     p.add_argument("--dry_run", action="store_true", help="print what would run only")
   sub.choices["ssh"].add_argument("--hosts", required=True, help="comma-separated")
   slurm = sub.choices["slurm"]
@@ -58,7 +70,8 @@ def trainer_command(args, coordinator: str, num_processes: str, process_id: str)
   they may be ~ or shell variables ($SLURM_PROCID) that each node's shell expands."""
   fixed = shlex.join(["--config", args.config, "--workdir", args.workdir,
                       "--config.distributed.mode=manual", *args.trainer_flags])
-  return (f"cd {args.repo_dir} && exec {args.python} -m trainer.main {fixed} "
+  env = f"XLA_FLAGS={shlex.quote(args.xla_flags)} " if args.xla_flags else ""
+  return (f"cd {args.repo_dir} && {env}exec {args.python} -m trainer.main {fixed} "
           f"--config.distributed.coordinator_address={coordinator} "
           f"--config.distributed.num_processes={num_processes} "
           f"--config.distributed.process_id={process_id}")

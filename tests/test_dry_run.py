@@ -133,3 +133,20 @@ def test_dry_run_compare_prints_both_optimizers_costs_and_ratios(capsys):
   rows = {line.split()[0]: line for line in comparison[2:]}
   assert {"flops", "bytes", "all-reduce", "collectives,", "compile", "optimizer"} <= set(rows)
   assert rows["flops"].rstrip().endswith("x")  # a ratio on every row
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nodes", [1, 2])
+def test_llm_gpu_builds_and_compiles_on_as_many_fake_devices_as_it_has_gpus(nodes):
+  gpus = 8 * nodes
+  command = [sys.executable, "-m", "trainer.main", "--config", f"configs/llm_gpu.py:{nodes}",
+             "--dry_run", *[f"--config.{o}" for o in SMALL_MODEL]]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": f"--xla_force_host_platform_device_count={gpus} "
+                      "--xla_cpu_enable_concurrency_optimized_scheduler=false"}
+  result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=900)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f"{gpus} x cpu on 1 host(s), mesh {{'data': 1, 'fsdp': {gpus}, 'tensor': 1}}" in (
+      result.stdout)
+  assert "Compiled train step cost per device (kron):" in result.stdout

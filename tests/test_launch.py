@@ -1,10 +1,15 @@
 """The launchers' dry runs print exactly the commands they would run."""
 
+import importlib.util
 import shlex
 import subprocess
 import sys
 
 from trainer_utils import REPO
+
+_spec = importlib.util.spec_from_file_location("launch_gpu", REPO / "scripts/launch_gpu.py")
+launch_gpu = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(launch_gpu)
 
 
 def dry_run(script: str, *args, trainer_flags=()) -> list[str]:
@@ -63,9 +68,10 @@ def test_gpu_launcher_over_ssh_gives_each_node_its_process_id():
     argv = shlex.split(line)
     assert argv[:4] == ["ssh", "-o", "BatchMode=yes", host]
     remote = shlex.split(argv[4].split(" && ", 1)[1])
-    assert remote[:8] == ["exec", "python", "-m", "trainer.main", "--config",
-                          "configs/cpu_lm.py", "--workdir", "/shared/run"]
-    assert remote[8:] == ["--config.distributed.mode=manual",
+    assert remote[0] == f"XLA_FLAGS={launch_gpu.GPU_XLA_FLAGS}"
+    assert remote[1:9] == ["exec", "python", "-m", "trainer.main", "--config",
+                           "configs/cpu_lm.py", "--workdir", "/shared/run"]
+    assert remote[9:] == ["--config.distributed.mode=manual",
                           "--config.distributed.coordinator_address=gpu1:9999",
                           "--config.distributed.num_processes=3",
                           f"--config.distributed.process_id={i}"]
