@@ -199,10 +199,19 @@ def balance(factors: Factors) -> Factors:
   return tuple(f * (gmean / (n + _TINY)) for f, n in zip(factors, norms))
 
 
-def normal(key: jax.Array, shape: tuple[int, ...], dtype) -> jax.Array:
-  """I.i.d. standard normal draws, as the reference draws its damping noise and EQ's
-  probe (the one source of them, so a test can record them)."""
-  return jax.random.normal(key, shape, dtype)
+def rank_one_noise(key: jax.Array, shape: tuple[int, ...], dtype) -> jax.Array:
+  """u_0 (x) u_1 (x) ... with standard normal vectors u_k of the dims' sizes.
+
+  Along every dim its second moments equal those of i.i.d. normal noise (numel / d_k
+  times I), and so do the fit's terms in expectation, for sum(shape) random numbers
+  instead of prod(shape): the reference draws i.i.d. noise, which at GPT sizes costs
+  more than the rest of a refit on a CPU (docs/psgd_library.md).
+  """
+  keys = jax.random.split(key, len(shape))
+  noise = jax.random.normal(keys[0], shape[:1], dtype)
+  for k, d in zip(keys[1:], shape[1:]):
+    noise = noise[..., None] * jax.random.normal(k, (d,), dtype)
+  return noise
 
 
 def _lipschitz(ell: jax.Array, old: jax.Array, beta: float) -> jax.Array:
@@ -285,7 +294,7 @@ def fit(mode: str, factors: Factors, lipschitz: jax.Array, h: jax.Array, key: ja
     return _fit_eq(factors, lipschitz, h, key, lr=lr, beta=beta, damping=damping,
                    grad_eps=grad_eps, operand_dtype=operand_dtype, fitted=fitted)
   k_noise, k_norm, k_rule = jax.random.split(key, 3)
-  h = _damped(h, normal(k_noise, h.shape, h.dtype), damping, grad_eps)
+  h = _damped(h, rank_one_noise(k_noise, h.shape, h.dtype), damping, grad_eps)
   if p_factors is None:
     p_factors = preconditioner_factors(mode, factors, operand_dtype)
   pg = apply_preconditioner(p_factors, h, operand_dtype)
@@ -310,7 +319,7 @@ def _fit_eq(factors, lipschitz, h, key, *, lr, beta, damping, grad_eps, operand_
             fitted):
   """dQ = E Q with triangular Q: fits Q h h^T Q^T against Q^-T v v^T Q^-1 for probe v."""
   k_probe, k_norm = jax.random.split(key)
-  v = normal(k_probe, h.shape, h.dtype)
+  v = jax.random.normal(k_probe, h.shape, h.dtype)  # the probe: i.i.d., as the reference
   a, b = _damped(h, v, damping, grad_eps), v
   for axis, q in enumerate(factors):
     a = along(q, a, axis, operand_dtype)  # Q h

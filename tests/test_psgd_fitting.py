@@ -181,3 +181,16 @@ def test_per_dim_factors_fit_a_three_factor_kronecker_covariance():
   print(f"relative error of P: per dim {per_dim:.3f}, merged {merged:.3f}")
   assert per_dim < 0.12
   assert merged > 0.3
+
+
+def test_rank_one_noise_has_the_second_moments_of_iid_noise_along_every_dim():
+  # What the fit's terms see of the damping noise is its Gram matrix along each dim; for
+  # u (x) v (x) w it is (numel / d_k) I in expectation, as for i.i.d. normal noise.
+  shape = (3, 4, 5)
+  draws = jax.vmap(lambda k: fitting.rank_one_noise(k, shape, jnp.float32))(
+      jax.random.split(jax.random.key(0), 20000))
+  assert draws.shape == (20000, *shape)
+  for axis, d in enumerate(shape):
+    moved = np.moveaxis(np.asarray(draws), 1 + axis, 1).reshape(20000, d, -1)
+    gram = np.einsum("nik,njk->ij", moved, moved) / 20000
+    np.testing.assert_allclose(gram, np.eye(d) * 60 / d, atol=0.1 * 60 / d)
