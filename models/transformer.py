@@ -1,7 +1,10 @@
 """Decoder-only Transformer: RMSNorm pre-norm blocks of rotary GQA attention and SwiGLU.
 
-    model = models.build(models.transformer.default_config(), nnx.Rngs(0))
+    model = models.build({"name": "transformer", "vocab_size": 256}, nnx.Rngs(0))
     logits = model(tokens)  # int32[B, T] -> float32[B, T, vocab]
+
+Parameters carry logical axis names (layers, vocab, embed, heads, kv_heads, kv, mlp,
+norm); configs/common.py maps them to mesh axes.
 """
 
 import dataclasses
@@ -9,23 +12,14 @@ from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 from flax import nnx
 
 from models import registry
 from models.layers import (CausalSelfAttention, Embedding, OutputHead, RMSNorm, SwiGLU,
                            constrain)
-from models.stack import LAYER_AXIS, REMAT_CHOICES, LayerStack
+from models.stack import REMAT_CHOICES, LayerStack
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-# Logical axis -> mesh axis for a ('data', 'fsdp', 'tensor') mesh: FSDP over the model
-# width, tensor parallelism over heads, MLP and vocab; layers, head_dim, norms replicated.
-# 'kv_heads' needs num_kv_heads divisible by the tensor axis (else map it to None).
-LOGICAL_AXIS_RULES = (
-    (LAYER_AXIS, None), ("vocab", "tensor"), ("embed", "fsdp"), ("heads", "tensor"),
-    ("kv_heads", "tensor"), ("kv", None), ("mlp", "tensor"), ("norm", None),
-)
 
 # The residual stream [batch, length, d_model]: split over the batch only.
 ACTIVATION_AXES = ("batch", None, None)
@@ -33,7 +27,7 @@ ACTIVATION_AXES = ("batch", None, None)
 
 @dataclasses.dataclass(frozen=True)
 class TransformerConfig:
-  """Checked sizes and switches; `default_config()` is its ConfigDict form."""
+  """Checked sizes and switches (configs/common.py's model section lists them all)."""
 
   vocab_size: int = 256
   d_model: int = 128
@@ -118,12 +112,6 @@ def _is_int(value) -> bool:
 def _require(ok: bool, message: str):
   if not ok:
     raise ValueError(message)
-
-
-def default_config() -> ml_collections.ConfigDict:
-  """A small transformer config (`config.model` for the trainer)."""
-  return ml_collections.ConfigDict(
-      {"name": "transformer", **dataclasses.asdict(TransformerConfig())})
 
 
 class Block(nnx.Module):

@@ -20,6 +20,7 @@ from flax import nnx
 # The trainer is used from this checkout, not installed: put the checkout on the path.
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
+from configs import common
 import models
 
 
@@ -38,7 +39,7 @@ def parse_args():
 
 
 def model_config(args, num_layers: int, scan: bool):
-  config = models.transformer.default_config()
+  config = common.base_config().model
   config.update(dict(vocab_size=args.vocab_size, d_model=args.d_model, num_layers=num_layers,
                      num_heads=args.num_heads, mlp_dim=4 * args.d_model,
                      max_seq_len=args.seq_len, scan_layers=scan, remat=args.remat))

@@ -1,11 +1,16 @@
 """Bad input is refused before anything is built or compiled, naming the setting."""
 
+import dataclasses
 import re
 import subprocess
+import sys
+import textwrap
 
 import jax
 import pytest
 
+from configs import common
+from models import transformer
 from trainer import main as trainer_main
 from trainer import setup as setup_lib
 from trainer import validate
@@ -123,3 +128,29 @@ def test_validation_split_must_hold_one_eval_batch(tmp_path):
   assert f"{batch_tokens - 1} tokens" in message and "train.eval_every=0" in message
   enough = _files_config(_corpus(tmp_path / "enough", validation_bytes=batch_tokens - 1))
   validate.check_run(enough, str(tmp_path / "run"))
+
+
+def test_reading_any_config_file_loads_no_heavy_library():
+  # configs/common.py is the schema and imports only ml_collections: a launcher or a
+  # notebook can read a config without loading the trainer's libraries.
+  script = textwrap.dedent("""
+      import importlib.util, pathlib, sys
+      for path in sorted(pathlib.Path("configs").glob("*.py")):
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        if hasattr(module, "get_config"):
+          module.get_config()
+      heavy = ("jax", "flax", "orbax", "grain", "tensorflow_datasets", "optax", "trainer",
+               "models", "psgd")
+      print(sorted(name for name in sys.modules if name.split(".")[0] in heavy))
+  """)
+  result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.stdout.strip() == "[]"
+
+
+def test_the_model_section_lists_every_transformer_setting():
+  fields = {f.name for f in dataclasses.fields(transformer.TransformerConfig)}
+  assert set(common.base_config().model.keys()) == fields | {"name"}

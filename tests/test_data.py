@@ -10,6 +10,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from configs import common
 from trainer import data
 from trainer.data import inputs
 from trainer.data import pipeline
@@ -114,7 +115,7 @@ def test_corpus_listing_skips_site_packages_and_non_python(tree):
 
 
 def test_tfds_source_reads_a_prepared_dataset_by_name(tree, tfds_dir, corpus):
-  config = data.default_config()
+  config = common.base_config().data
   name = stdlib_corpus.source_tree_config(tree).name
   config.update(source="tfds", tfds_name=f"python_stdlib/{name}", data_dir=str(tfds_dir),
                 seq_len=16, eval_batches=20)
@@ -142,7 +143,7 @@ def test_concurrent_loads_build_once(tree, tmp_path):
 
 
 def test_real_stdlib_corpus_builds_and_feeds_the_trainer_entry_points(tmp_path):
-  config = data.default_config()
+  config = common.base_config().data
   config.data_dir = str(tmp_path)
   config.seq_len = 128
   corpus = data.load_stdlib_corpus(tmp_path)
@@ -252,7 +253,7 @@ def test_train_iterator_restores_to_identical_batches(corpus):
 
 
 def test_train_iterator_checkpoints_through_orbax(tree, tmp_path):
-  config = data.default_config()
+  config = common.base_config().data
   config.update(source="files", files_glob=str(tree / "**" / "*.py"), seq_len=16)
   it = data.make_train_iterator(config, global_batch_size=2)
   for _ in range(5):
@@ -278,7 +279,7 @@ def test_byte_tokenizer_round_trips_utf8():
   assert tokenizer.decode(np.append(ids, tokenizer.eos_id)) == text
   assert tokenizer.encode(text.encode("utf-8")).tolist() == ids.tolist()
   assert (tokenizer.vocab_size, tokenizer.eos_id) == (257, 256)
-  assert data.vocab_size(data.default_config()) == 257
+  assert data.vocab_size(common.base_config().data) == 257
 
 
 def test_sentencepiece_tokenizer_errors_are_clear(tmp_path, monkeypatch):
@@ -320,7 +321,7 @@ def test_files_glob_source(tmp_path):
   assert seen == files
   assert len(by_split["validation"]) >= 2  # doc_9 and doc_13
 
-  config = data.default_config()
+  config = common.base_config().data
   config.update(source="files", files_glob=str(tmp_path / "corpus" / "**" / "*.txt"),
                 seq_len=8, eval_batches=3)
   batch = next(data.make_train_iterator(config, global_batch_size=4))
@@ -332,7 +333,7 @@ def test_config_errors_are_reported():
   with pytest.raises(ValueError, match="not divisible"):
     inputs.per_process_batch_size(6, 4)
   assert inputs.per_process_batch_size(8, 4) == 2
-  config = data.default_config()
+  config = common.base_config().data
   config.source = "nonsense"
   with pytest.raises(ValueError, match="Unknown data source"):
     data.make_train_iterator(config, global_batch_size=8)

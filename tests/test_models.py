@@ -9,16 +9,17 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from configs import common
 import models
 import psgd
 from models import layers, transformer
 
 LAYERS, VOCAB, D, HEADS, KV_HEADS, MLP, SEQ = 3, 64, 32, 4, 2, 64, 16
-RULES = transformer.LOGICAL_AXIS_RULES  # ('data', 'fsdp', 'tensor') mesh
+RULES = common.MESH_RULES  # ('data', 'fsdp', 'tensor') mesh
 
 
 def tiny_config(**overrides):
-  config = transformer.default_config()
+  config = common.base_config().model
   config.update(dict(vocab_size=VOCAB, d_model=D, num_layers=LAYERS, num_heads=HEADS,
                      num_kv_heads=KV_HEADS, mlp_dim=MLP, max_seq_len=SEQ,
                      tie_embeddings=False))
@@ -210,7 +211,8 @@ def test_partition_specs_and_param_info_follow_the_rules(scanned):
   assert layer["mlp"]["down"] == P(None, "tensor", "fsdp")
   assert layer["mlp_norm"]["scale"] == P(None, None)
 
-  info = models.param_info(params, (("layers", "fsdp"),) + RULES[1:])
+  info = models.param_info(params, (("layers", "fsdp"),) +
+                           tuple(rule for rule in RULES if rule[0] != "layers"))
   wq = info[("blocks", "layers", "attn", "wq")]
   assert wq.logical_axes == ("layers", "embed", "heads", "kv")
   assert (wq.stacked, wq.layer_axis, wq.spec) == (True, 0, P("fsdp", "fsdp", "tensor", None))
@@ -349,7 +351,7 @@ def test_register_adds_a_model_by_name():
 
 
 def test_width_multiplier_widens_every_width_but_head_dim():
-  config = models.transformer.default_config()
+  config = common.base_config().model
   config.update(dict(d_model=32, num_heads=2, mlp_dim=64, num_layers=1, vocab_size=64,
                      width_multiplier=2))
   model = nnx.eval_shape(lambda: models.build(config, nnx.Rngs(0)))

@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 
+from configs import common
 from trainer import data as data_lib
 from trainer import distributed
 from trainer import setup as setup_lib
@@ -99,7 +100,7 @@ def test_two_processes_train_like_one_and_one_process_resumes_them(tmp_path):
 
 
 def test_manual_mode_reads_what_the_config_leaves_empty_from_the_environment(monkeypatch):
-  cfg = distributed.default_config()
+  cfg = common.base_config().distributed
   cfg.mode = "manual"
   monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "10.0.0.1:1234")
   monkeypatch.setenv("JAX_NUM_PROCESSES", "4")
@@ -121,7 +122,7 @@ def test_auto_mode_stays_single_process_off_clusters(monkeypatch):
                "OMPI_COMM_WORLD_SIZE"):
     monkeypatch.delenv(name, raising=False)
   monkeypatch.setattr(distributed, "_has_tpu_chips", lambda: False)
-  distributed.initialize(distributed.default_config())  # would fail after jax started
+  distributed.initialize(common.base_config().distributed)  # would fail after jax started
   assert not jax.distributed.is_initialized()
   monkeypatch.setenv("SLURM_NTASKS", "4")
   assert distributed._cluster_detected()  # pylint: disable=protected-access

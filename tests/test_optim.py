@@ -10,7 +10,7 @@ from trainer import optim
 
 
 def test_warmup_then_cosine_to_the_floor():
-  cfg = optim.default_config()
+  cfg = base_config().optimizer
   cfg.update(dict(learning_rate=1.0, warmup_steps=10, decay="cosine", min_lr_ratio=0.1))
   schedule = optim.learning_rate_schedule(cfg, total_steps=110)
   assert float(schedule(0)) == 0.0 and float(schedule(5)) == pytest.approx(0.5)
@@ -20,7 +20,7 @@ def test_warmup_then_cosine_to_the_floor():
 
 
 def test_width_multiplier_scales_the_peak_learning_rate():
-  cfg = optim.default_config()
+  cfg = base_config().optimizer
   cfg.update(dict(learning_rate=0.4, warmup_steps=0, decay="constant"))
   assert float(optim.learning_rate_schedule(cfg, 100, width_multiplier=4)(50)) == \
       pytest.approx(0.1)
@@ -48,7 +48,7 @@ def test_every_named_optimizer_steps_downhill(name):
 
 
 def test_unknown_optimizer_and_schedule_are_refused():
-  cfg = optim.default_config()
+  cfg = base_config().optimizer
   cfg.name = "adamm"
   with pytest.raises(ValueError, match="optimizer.name"):
     optim.check_config(cfg)

@@ -6,6 +6,7 @@ import numpy as np
 import optax
 import pytest
 
+from configs import common
 from trainer import optim
 from trainer import step as step_lib
 
@@ -26,7 +27,7 @@ def batch(g, scale=1.0):
 
 @pytest.mark.parametrize("name", ["kron", "adamw"])
 def test_lr_is_the_one_applied_when_steps_are_skipped(name):
-  cfg = optim.default_config()
+  cfg = common.base_config().optimizer
   cfg.update(dict(name=name, warmup_steps=3))  # the lr changes at every count
   tx, schedule = optim.make_optimizer(cfg, total_steps=10)
   step = jax.jit(step_lib.make_train_step(linear_loss, tx, schedule, microbatches=1))

@@ -24,15 +24,6 @@ from absl import logging
 MODES = ("auto", "manual", "off")
 
 
-def default_config() -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(
-      mode="auto",  # 'auto', 'manual' or 'off': see the module docstring
-      coordinator_address="",  # manual: host:port of process 0 (every process the same)
-      num_processes=ml_collections.config_dict.placeholder(int),  # manual
-      process_id=ml_collections.config_dict.placeholder(int),  # manual: 0 .. num_processes-1
-  ))
-
-
 def _has_tpu_chips() -> bool:
   """TPU chips attached to this host: /dev/accel<n> (v2-v4) or /dev/vfio/<n> (v5e on)."""
   return bool(glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*"))

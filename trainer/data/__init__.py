@@ -1,10 +1,9 @@
 """Data input: corpora (stdlib, TFDS, local files), tokenizers and grain pipelines.
 
-The trainer needs only default_config, make_train_iterator, make_eval_iterator and
-vocab_size; see inputs.py.
+The trainer needs only make_train_iterator, make_eval_iterator and vocab_size; see
+inputs.py. The settings (config.data) are in configs/common.py.
 """
 
-from trainer.data.inputs import default_config
 from trainer.data.inputs import make_eval_iterator
 from trainer.data.inputs import make_train_iterator
 from trainer.data.inputs import vocab_size
@@ -14,7 +13,6 @@ from trainer.data.tokenizers import make_tokenizer
 
 __all__ = [
     "ByteTokenizer",
-    "default_config",
     "load_stdlib_corpus",
     "make_eval_iterator",
     "make_tokenizer",

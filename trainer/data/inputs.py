@@ -3,30 +3,11 @@
 from collections.abc import Iterator
 
 import grain
-import ml_collections
 import numpy as np
 
 from trainer.data import pipeline
 from trainer.data.sources import open_split
 from trainer.data.tokenizers import make_tokenizer
-
-
-def default_config() -> ml_collections.ConfigDict:
-  """config.data for the built-in stdlib corpus with the byte tokenizer."""
-  config = ml_collections.ConfigDict()
-  config.source = "stdlib"  # 'stdlib' | 'tfds' | 'files'
-  config.tfds_name = ""  # e.g. 'lm1b' or 'c4/en', prepared as array_record in data_dir
-  # Where the stdlib corpus is built (once, ~8 MB) and prepared TFDS datasets are read.
-  config.data_dir = "~/.cache/psgd-train/tfds"
-  config.text_key = "text"
-  config.files_glob = ""  # e.g. '~/corpus/**/*.txt'; each file one document
-  config.train_split = "train"
-  config.eval_split = "validation"  # lm1b has 'test' instead
-  config.tokenizer = "bytes"  # or the path of a SentencePiece .model
-  config.seq_len = 512
-  config.shuffle_seed = 0
-  config.eval_batches = 16  # batches per eval, the same count on every process
-  return config
 
 
 def per_process_batch_size(global_batch_size: int, process_count: int) -> int:
