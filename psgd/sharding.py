@@ -4,8 +4,9 @@ The rule (each state leaf of a parameter with spec `ps`):
   * momentum: `ps`, like its parameter;
   * factors (one params-shaped tree per factor slot), each (batch, d, d) or (batch, d):
     the batch axis takes the spec of the parameter's layer axis when `scanned_layers`
-    marks it and the batch is that axis (no blocks), else None; the first d axis is spread over the remaining mesh axes, largest first, taking each
-    axis whose size still divides d, so that no device holds every factor;
+    marks it and the batch is that axis (no blocks), else None; the first d axis is
+    spread over the remaining mesh axes, largest first, taking each axis whose size
+    still divides d, so that no device holds every factor;
   * cached P factors (cache_preconditioner): as the factors;
   * Lipschitz memory (batch, number of factors): the batch axis as above;
   * step count, key and flags: replicated.
