@@ -83,15 +83,17 @@ class OutputHead(nnx.Module):
                    preferred_element_type=jnp.float32)
 
 
-def apply_rotary(x: jax.Array, theta: float) -> jax.Array:
-  """Rotary position embedding of x (batch, time, heads, head_dim), positions 0..T-1.
+def apply_rotary(x: jax.Array, theta: float, start=0) -> jax.Array:
+  """Rotary position embedding of x (batch, time, heads, head_dim) at positions
+  start..start+T-1 (`start` may be traced, for decoding with a cache).
 
   Feature i of the first half and feature i of the second half form a pair rotated by
   angle position * theta^(-2i / head_dim); computed on the fly, so any length works.
   """
   seq_len, head_dim = x.shape[1], x.shape[-1]
   inv_freq = theta**(-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
-  angles = jnp.arange(seq_len, dtype=jnp.float32)[:, None] * inv_freq
+  positions = start + jnp.arange(seq_len, dtype=jnp.float32)
+  angles = positions[:, None] * inv_freq
   sin, cos = jnp.sin(angles)[:, None, :], jnp.cos(angles)[:, None, :]
   first, second = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   rotated = jnp.concatenate([first * cos - second * sin, second * cos + first * sin], -1)
@@ -113,13 +115,32 @@ class CausalSelfAttention(nnx.Module):
     self.rope_theta = rope_theta
     self.dtype = dtype
 
+  def _qkv(self, x: jax.Array, start=0) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Queries, keys and values of x, whose first token is at position `start`."""
+    q = apply_rotary(project("btd,dnh->btnh", x, self.wq, self.dtype), self.rope_theta, start)
+    k = apply_rotary(project("btd,dnh->btnh", x, self.wk, self.dtype), self.rope_theta, start)
+    return q, k, project("btd,dnh->btnh", x, self.wv, self.dtype)
+
   def __call__(self, x: jax.Array) -> jax.Array:
-    q = apply_rotary(project("btd,dnh->btnh", x, self.wq, self.dtype), self.rope_theta)
-    k = apply_rotary(project("btd,dnh->btnh", x, self.wk, self.dtype), self.rope_theta)
-    v = project("btd,dnh->btnh", x, self.wv, self.dtype)
+    q, k, v = self._qkv(x)
     # The generic entry point, so TPU/GPU backends can pick their fused kernels.
     y = jax.nn.dot_product_attention(q, k, v, is_causal=True)
     return project("btnh,nhd->btd", y, self.wo, self.dtype)
+
+  def decode(self, x: jax.Array, cache: dict, start) -> tuple[jax.Array, dict]:
+    """Attention of x, the tokens at positions start..start+T-1, over them and the
+    `cache` of every earlier position's keys and values ({'k', 'v'}: [B, S, kv_heads,
+    head_dim], S the longest sequence to decode); returns (output, cache with x's keys
+    and values written in)."""
+    q, k, v = self._qkv(x, start)
+    cache = {"k": jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype),
+                                                     start, axis=1),
+             "v": jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype),
+                                                     start, axis=1)}
+    query_pos = start + jnp.arange(x.shape[1])
+    visible = jnp.arange(cache["k"].shape[1])[None, :] <= query_pos[:, None]  # [T, S]
+    y = jax.nn.dot_product_attention(q, cache["k"], cache["v"], mask=visible[None, None])
+    return project("btnh,nhd->btd", y, self.wo, self.dtype), cache
 
 
 class SwiGLU(nnx.Module):

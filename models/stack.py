@@ -10,6 +10,7 @@ the loop layout's `layers/i/...`.
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 LAYER_AXIS = "layers"
@@ -59,3 +60,20 @@ class LayerStack(nnx.Module):
       return call(block, x)
 
     return run(x, self.layers)
+
+  def decode(self, x: jax.Array, cache, start) -> tuple[jax.Array, object]:
+    """x through every block's `decode(x, layer_cache, start)`; `cache` holds the layers'
+    caches stacked on a leading layer axis, in both layouts."""
+    if not self.scan:
+      layer_caches = []
+      for i, block in enumerate(self.layers):
+        x, layer_cache = block.decode(x, jax.tree.map(lambda c, i=i: c[i], cache), start)
+        layer_caches.append(layer_cache)
+      return x, jax.tree.map(lambda *c: jnp.stack(c), *layer_caches)
+
+    @nnx.scan(in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0),
+              transform_metadata=_TRANSFORM_METADATA)
+    def run(x, block, layer_cache):
+      return block.decode(x, layer_cache, start)
+
+    return run(x, self.layers, cache)

@@ -130,6 +130,13 @@ class Block(nnx.Module):
     x = x + self.attn(self.attn_norm(x))
     return x + self.mlp(self.mlp_norm(x))
 
+  def decode(self, x: jax.Array, cache: dict, start) -> tuple[jax.Array, dict]:
+    """The block on tokens at positions start.., attending over the key/value cache."""
+    x = constrain(x, ACTIVATION_AXES)
+    y, cache = self.attn.decode(self.attn_norm(x), cache, start)
+    x = x + y
+    return x + self.mlp(self.mlp_norm(x)), cache
+
 
 @registry.register("transformer")
 class Transformer(nnx.Module):
@@ -171,5 +178,22 @@ class Transformer(nnx.Module):
     return 6.0 * matmul_params + 12.0 * cfg.num_layers * d * seq_len
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
-    x = self.final_norm(self.blocks(self.embed(tokens)))
+    return self._logits(self.blocks(self.embed(tokens)))
+
+  def _logits(self, x: jax.Array) -> jax.Array:
+    x = self.final_norm(x)
     return self.embed.attend(x) if self.head is None else self.head(x)
+
+  def init_cache(self, batch_size: int, max_len: int) -> dict:
+    """An empty key/value cache for decoding up to `max_len` tokens per row:
+    {'k', 'v'}: [num_layers, batch, max_len, kv_heads, head_dim] in the compute dtype."""
+    cfg = self.config
+    shape = (cfg.num_layers, batch_size, max_len, cfg.kv_heads, cfg.head_dim)
+    return {"k": jnp.zeros(shape, DTYPES[cfg.dtype]), "v": jnp.zeros(shape, DTYPES[cfg.dtype])}
+
+  def decode(self, tokens: jax.Array, cache: dict, start) -> tuple[jax.Array, dict]:
+    """(logits, cache) for `tokens` [B, T] at positions start..start+T-1, given the
+    cache of positions before `start`: a prompt with start=0, then one token at a time.
+    The logits equal those of `model(all tokens so far)` at the same positions."""
+    x, cache = self.blocks.decode(self.embed(tokens), cache, start)
+    return self._logits(x), cache

@@ -1,6 +1,7 @@
 """Every bad state a kill, a full disk, bit rot or a blow-up can leave, built on purpose:
 a restart resumes from the newest step that is intact, says so, and finishes."""
 
+import json
 import logging
 import os
 import pathlib
@@ -9,10 +10,13 @@ import subprocess
 import time
 
 import jax
+import numpy as np
 import pytest
 
 from trainer import checkpoint as checkpoint_lib
+from trainer import data as data_lib
 from trainer import main as trainer_main
+from trainer import setup as setup_lib
 from trainer_utils import REPO, read_metrics, tiny_config, trainer_command, trainer_env
 
 
@@ -237,3 +241,40 @@ def test_relative_and_home_workdirs_checkpoint_and_resume(tmp_path, workdir_arg)
               tmp_path / "runs" / "relative")
   assert _steps_on_disk(resolved)[-2:] == [4, 6]
   assert [m["step"] for m in read_metrics(resolved) if "train/loss" in m][-1] == 6
+
+
+@pytest.mark.parametrize("damage, newest_intact, _", DAMAGES,
+                         ids=[d[0].__name__.strip("_") for d in DAMAGES])
+def test_readers_take_the_newest_intact_step_and_change_nothing(saved_run, tmp_path, damage,
+                                                                newest_intact, _):
+  """What eval, sampling, export and init_from read: the rule restarts follow, but a
+  damaged step is only skipped, never moved (it may be a save still in flight)."""
+  workdir = tmp_path / "run"
+  shutil.copytree(saved_run, workdir)
+  damage(workdir)
+  before = sorted(str(p.relative_to(workdir)) for p in workdir.rglob("*"))
+  run = setup_lib.build_setup(_config(8), jax.devices()[:1])
+  step, state = checkpoint_lib.read_verified(str(workdir), run.abstract_state._asdict())
+  assert step == newest_intact and int(state["step"]) == newest_intact
+  assert sorted(str(p.relative_to(workdir)) for p in workdir.rglob("*")) == before
+  with pytest.raises(checkpoint_lib.CheckpointRestoreError, match="Step 5 is not"):
+    checkpoint_lib.read_verified(str(workdir), {"params": run.abstract_state.params}, step=5)
+
+
+def test_a_checkpoint_with_the_retired_rng_field_still_resumes(tmp_path):
+  """Steps saved before TrainState lost its unused `rng` restore, without it."""
+  config = _config(2)
+  run = setup_lib.build_setup(config, jax.devices()[:1])
+  state = run.init_state()
+  legacy = {**state._asdict(), "rng": jax.random.PRNGKey(1)}
+  config_dict = json.loads(config.to_json_best_effort())
+  data = data_lib.make_train_iterator(config.data, config.train.global_batch_size)
+  with checkpoint_lib.Checkpointer(str(tmp_path), save_every=1, max_to_keep=None,
+                                   keep_every=None) as checkpointer:
+    checkpointer.save(1, legacy, data, config_dict)
+  with checkpoint_lib.Checkpointer(str(tmp_path), save_every=1, max_to_keep=None,
+                                   keep_every=None) as checkpointer:
+    restored = checkpointer.restore_latest(run.abstract_state, data, config_dict)
+  assert type(restored) is type(state)
+  for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state), strict=True):
+    np.testing.assert_array_equal(a, b)

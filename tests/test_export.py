@@ -25,8 +25,7 @@ def test_export_then_load_gives_the_checkpoints_params_and_logits_bitwise(tmp_pa
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                           loaded)
-  saved = checkpoint_lib.restore_for_init(str(workdir), {"params": abstract},
-                                          "params")["params"]
+  saved = checkpoint_lib.read_verified(str(workdir), {"params": abstract})[1]["params"]
   flat_loaded, flat_saved = jax.tree.leaves(loaded), jax.tree.leaves(saved)
   assert len(flat_loaded) == len(flat_saved) > 0
   for a, b in zip(flat_loaded, flat_saved):

@@ -18,7 +18,7 @@ def linear_loss(params, batch):
 
 def fresh_state(tx, params):
   return step_lib.TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params),
-                             rng=jax.random.PRNGKey(0), nonfinite_in_a_row=jnp.int32(0))
+                             nonfinite_in_a_row=jnp.int32(0))
 
 
 def batch(g, scale=1.0):

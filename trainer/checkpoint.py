@@ -1,7 +1,7 @@
 """Orbax checkpoints of the whole run, and the rules that make every step safe to lose.
 
 A step holds {params, optimizer state (PSGD factors, momentum, key, counters), step,
-rng} as "state", the grain iterator position as "data", the resolved config as "config"
+non-finite count} as "state", the grain iterator position as "data", the resolved config as "config"
 and a checksum of every state array as "checksums". What makes a kill, a full disk or
 bit rot cost at most the last save interval:
 - A step counts only when it is complete: Orbax's commit marker and every item's
@@ -13,6 +13,9 @@ bit rot cost at most the last save interval:
   and the error lists every step and why.
 - A failed background save is reported at the next step (`check_for_errors`), with its
   temporary directory removed, so a run never trains on without its saves.
+Readers that are not the run (eval, sampling, export, fine-tuning from another run) use
+`read_verified`: the same newest-intact rule, reading only, so a run in progress or a
+damaged step is never changed by them.
 """
 
 import os
@@ -36,6 +39,8 @@ _TMP_MARK = ".orbax-checkpoint-tmp"
 # Files a complete step has: Orbax writes the first when the step is committed.
 _COMPLETE_MARKERS = ("_CHECKPOINT_METADATA", "state/_METADATA", "state/manifest.ocdbt",
                      "config/metadata")
+# State fields older versions saved and this one no longer has: ignored on restore.
+_RETIRED = ("rng",)
 
 
 class CheckpointMismatchError(ValueError):
@@ -107,7 +112,7 @@ class Checkpointer:
         options=ocp.CheckpointManagerOptions(
             save_interval_steps=save_every, max_to_keep=max_to_keep, keep_period=keep_every,
             enable_async_checkpointing=async_save, create=True),
-        item_handlers=dict(state=ocp.StandardCheckpointHandler(),
+        item_handlers=dict(state=ocp.PyTreeCheckpointHandler(),
                            data=grain.checkpoint.CheckpointHandler(),
                            config=ocp.JsonCheckpointHandler(),
                            checksums=ocp.JsonCheckpointHandler()))
@@ -155,7 +160,7 @@ class Checkpointer:
     self.check_for_errors()
     try:
       self._manager.save(step, force=True, args=ocp.args.Composite(
-          state=ocp.args.StandardSave(state),
+          state=ocp.args.PyTreeSave(state),
           data=grain.checkpoint.CheckpointSave(data_iterator),
           config=ocp.args.JsonSave(config),
           checksums=ocp.args.JsonSave(checksums(state))))
@@ -247,12 +252,11 @@ class Checkpointer:
     try:
       saved = self._manager.restore(step, args=ocp.args.Composite(**small_items))
       saved_config, saved_sums = saved.config, saved.get("checksums")
-      saved_shapes = {m.name: tuple(m.shape) for m in
-                      jax.tree.leaves(self._manager.item_metadata(step)["state"])}
+      saved_shapes = _saved_shapes(self._manager.item_metadata(step)["state"])
     except Exception as error:
       raise _Damaged(f"its config or metadata cannot be read ({_one_line(error)})") from error
     self.check_compatible(step, abstract_state, config, saved_config, saved_shapes)
-    items = dict(state=ocp.args.StandardRestore(abstract_state))
+    items = dict(state=_restore_args(abstract_state))
     if self._has_data_position(step):
       items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
     elif restart_data:
@@ -269,14 +273,7 @@ class Checkpointer:
       state = self._manager.restore(step, args=ocp.args.Composite(**items)).state
     except Exception as error:
       raise _Damaged(f"its arrays cannot be read ({_one_line(error)})") from error
-    if saved_sums is None:
-      logging.warning("Step %d was saved without checksums (an older version): not "
-                      "verified.", step)
-    else:
-      bad = sorted(name for name, value in checksums(state).items()
-                   if saved_sums.get(name) != value)
-      if bad:
-        raise _Damaged(f"checksum mismatch in {len(bad)} array(s): {', '.join(bad[:4])}")
+    _verify(step, state, saved_sums)
     logging.info("Restored step %d from %s", step, self.directory)
     return state
 
@@ -322,23 +319,84 @@ def _one_line(error: BaseException) -> str:
   return text if len(text) <= 600 else text[:597] + "..."
 
 
-def restore_for_init(path: str, abstract_state: Any, what: str) -> Any:
-  """Params (what='params') or params and optimizer state ('params_and_optimizer') from
-  the latest checkpoint of another run's workdir (or its checkpoints dir), for fine-tuning.
-  Returns `abstract_state`'s structure with those parts restored and the rest None."""
-  directory = path if os.path.basename(path.rstrip("/")) == "checkpoints" else os.path.join(
-      path, "checkpoints")
-  with ocp.CheckpointManager(directory) as manager:
-    step = manager.latest_step()
-    if step is None:
-      raise ValueError(f"checkpoint.init_from={path!r}: no checkpoint found in {directory}.")
-    keep = {"params"} if what == "params" else {"params", "opt_state"}
-    wanted = {k: v for k, v in abstract_state.items() if k in keep}
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item=wanted, restore_args=ocp.checkpoint_utils.construct_restore_args(wanted),
-        partial_restore=True))).state
-  logging.info("Initialized %s from %s step %d", sorted(keep), directory, step)
-  return restored
+def _restore_args(abstract: Any) -> ocp.args.PyTreeRestore:
+  """Restore `abstract`'s arrays, placed as its shardings say; saved arrays it does not
+  name (retired fields, or the parts a reader does not want) are left unread."""
+  return ocp.args.PyTreeRestore(
+      item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+      partial_restore=True)
+
+
+def _saved_shapes(metadata: Any) -> dict[str, tuple]:
+  """Saved-array name -> shape, from a step's state metadata (retired fields left out)."""
+  shapes = {_path_str(path): tuple(leaf.shape) for path, leaf in
+            jax.tree_util.tree_flatten_with_path(metadata)[0]}
+  return {name: shape for name, shape in shapes.items()
+          if name.split(".")[0] not in _RETIRED}
+
+
+def _verify(step: int, restored: Any, saved_sums: Optional[dict]) -> None:
+  """_Damaged unless every restored array matches the checksum saved with it."""
+  if saved_sums is None:
+    logging.warning("Step %d was saved without checksums (an older version): not "
+                    "verified.", step)
+    return
+  bad = sorted(name for name, value in checksums(restored).items()
+               if saved_sums.get(name) != value)
+  if bad:
+    raise _Damaged(f"checksum mismatch in {len(bad)} array(s): {', '.join(bad[:4])}")
+
+
+def checkpoints_dir(path: str) -> str:
+  """The checkpoints directory of a workdir (or `path` itself if it is one)."""
+  if os.path.basename(path.rstrip("/")) == "checkpoints":
+    return path
+  return os.path.join(path, "checkpoints")
+
+
+def read_verified(path: str, wanted: dict, step: Optional[int] = None) -> tuple[int, dict]:
+  """(step, arrays) of the newest complete step of a run whose `wanted` parts restore
+  and match their checksums, or of `step` only. Reads and never writes: steps that fail
+  are skipped with a warning, not moved, and a save in flight is not seen.
+
+  Args:
+    path: a run's workdir, or its checkpoints directory.
+    wanted: part of the run's state, by top-level field, as ShapeDtypeStructs carrying
+      the shardings to restore to, e.g. {"params": abstract_params}.
+    step: the step to read; None for the newest that restores intact.
+
+  Raises CheckpointRestoreError naming each step tried and why it failed.
+  """
+  directory = checkpoints_dir(path)
+  root = epath.Path(directory)
+  complete = sorted((int(e.name) for e in (root.iterdir() if root.exists() else ())
+                     if e.name.isdigit() and not _missing_markers(e)), reverse=True)
+  if step is not None:
+    if step not in complete:
+      raise CheckpointRestoreError(f"Step {step} is not a complete checkpoint in "
+                                   f"{directory}; complete steps: {sorted(complete)}.")
+    complete = [step]
+  if not complete:
+    raise CheckpointRestoreError(f"No complete checkpoint in {directory}.")
+  failures = []
+  options = ocp.CheckpointManagerOptions(read_only=True)
+  with ocp.CheckpointManager(directory, options=options) as manager:
+    for candidate in complete:
+      try:
+        items = dict(state=_restore_args(wanted))
+        if (root / str(candidate) / "checksums").exists():
+          items["checksums"] = ocp.args.JsonRestore()
+        restored = manager.restore(candidate, args=ocp.args.Composite(**items))
+        _verify(candidate, restored.state, restored.get("checksums"))
+      except Exception as error:  # pylint: disable=broad-except
+        failures.append((candidate, _one_line(error)))
+        logging.warning("Skipping checkpoint step %d of %s: %s", candidate, directory,
+                        failures[-1][1])
+        continue
+      logging.info("Read %s of step %d from %s", sorted(wanted), candidate, directory)
+      return candidate, restored.state
+  raise CheckpointRestoreError(f"No checkpoint in {directory} restores: " + "; ".join(
+      f"step {s}: {why}" for s, why in failures) + ".")
 
 
 class StopSignals:

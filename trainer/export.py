@@ -1,12 +1,12 @@
 """Export a run's params and model config to one portable .npz file, and load it back.
 
-    python -m trainer.export --workdir runs/cpu_lm --out cpu_lm.npz
+    python -m trainer.export --workdir runs/cpu_lm --out runs/cpu_lm.npz
 
 writes the params of the run's newest checkpoint, each under its path
 ('blocks/layers/attn/wq'), and the model section of the run's config as JSON under
 '__model_config__'; the file opens with plain numpy (no pickle). In Python:
 
-    model = trainer.export.load("cpu_lm.npz")  # the Flax NNX model, params in place
+    model = trainer.export.load("runs/cpu_lm.npz")  # the Flax NNX model, params in place
     logits = model(tokens)
 
 Nothing in the workdir is written.
@@ -14,7 +14,6 @@ Nothing in the workdir is written.
 
 import argparse
 import json
-import pathlib
 
 import jax
 import numpy as np
@@ -22,7 +21,7 @@ from flax import nnx
 
 import models
 from trainer import checkpoint as checkpoint_lib
-from trainer import paths
+from trainer import paths, saved_run
 
 CONFIG_KEY = "__model_config__"
 
@@ -40,11 +39,12 @@ def _params_template(model_config):
 def export(workdir: str, out: str) -> None:
   """Write the newest checkpoint's params of the run in `workdir` to `out` (.npz)."""
   workdir = paths.absolute(workdir)
-  model_config = json.loads((pathlib.Path(workdir) / "config.json").read_text())["model"]
+  model_config = saved_run.load_config(workdir).model.to_dict()
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                           nnx.eval_shape(lambda: _params_template(model_config)[1]))
-  params = checkpoint_lib.restore_for_init(workdir, {"params": abstract}, "params")["params"]
+  _, restored = checkpoint_lib.read_verified(workdir, {"params": abstract})
+  params = restored["params"]
   arrays = {_key(path): np.asarray(leaf)
             for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
   np.savez(out, **arrays, **{CONFIG_KEY: np.array(json.dumps(model_config))})

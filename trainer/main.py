@@ -19,7 +19,6 @@ import pathlib
 import warnings
 
 import jax
-import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -134,20 +133,6 @@ def train(config, workdir: str, devices=None) -> tuple[step_lib.TrainState, dict
   train_iter = data_lib.make_train_iterator(config.data, config.train.global_batch_size,
                                             jax.process_index(), jax.process_count())
 
-  def to_global(local_batch):
-    return {k: jax.make_array_from_process_local_data(run.batch_sharding, np.asarray(v))
-            for k, v in local_batch.items()}
-
-  def evaluate(params) -> dict[str, float]:
-    eval_iter = data_lib.make_eval_iterator(config.data, config.train.global_batch_size,
-                                            jax.process_index(), jax.process_count())
-    sums = np.array([jax.device_get(run.eval_step(params, to_global(b))) for b in eval_iter])
-    loss = float(sums[:, 0].sum() / max(sums[:, 1].sum(), 1.0))
-    metrics = {"eval/loss": loss}
-    if config.data.tokenizer == "bytes":
-      metrics["eval/bits_per_byte"] = loss / math.log(2)
-    return metrics
-
   # Everything set up from here on is released on every way out of the loop.
   with contextlib.ExitStack() as cleanup:
     # ----------------------------------------------------- state: init or restore
@@ -162,9 +147,11 @@ def train(config, workdir: str, devices=None) -> tuple[step_lib.TrainState, dict
       if state is None:
         state = run.init_state()
         if config.checkpoint.init_from:
-          loaded = checkpoint_lib.restore_for_init(
-              config.checkpoint.init_from, run.abstract_state._asdict(),
-              config.checkpoint.init_what)
+          parts = (("params",) if config.checkpoint.init_what == "params" else
+                   ("params", "opt_state"))
+          _, loaded = checkpoint_lib.read_verified(
+              config.checkpoint.init_from,
+              {part: getattr(run.abstract_state, part) for part in parts})
           state = state._replace(**loaded)
     start_step = int(state.step)
     logging.info("Starting at step %d of %d", start_step, total_steps)
@@ -181,7 +168,7 @@ def train(config, workdir: str, devices=None) -> tuple[step_lib.TrainState, dict
     stop_reason, save_pending = None, False
     with jax.set_mesh(mesh):
       while step < total_steps:
-        state, metrics = run.train_step(state, to_global(next(train_iter)))
+        state, metrics = run.train_step(state, run.to_global(next(train_iter)))
         loss_since_log.add(metrics)
         step += 1
         checkpointer.check_for_errors()  # a failed background save stops the run now
@@ -202,7 +189,7 @@ def train(config, workdir: str, devices=None) -> tuple[step_lib.TrainState, dict
           last.update(logged)
         if config.train.eval_every and (step % config.train.eval_every == 0 or
                                         step == total_steps):
-          eval_metrics = evaluate(state.params)
+          eval_metrics = run.evaluate(state.params)
           writer.write(step, eval_metrics)
           last.update(eval_metrics)
         # Skipped steps in a row as of the previous step: reading that count waits only

@@ -10,6 +10,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import NamedSharding
@@ -28,6 +29,7 @@ from trainer import validate
 class Setup:
   """The run's mesh, model, optimizer, shardings and jitted (not yet compiled) steps."""
 
+  config: Any  # the checked config it was built from
   mesh: jax.sharding.Mesh
   rules: tuple
   graphdef: Any
@@ -48,6 +50,25 @@ class Setup:
     return {"inputs": jax.ShapeDtypeStruct(shape, jnp.int32, sharding=self.batch_sharding),
             "targets": jax.ShapeDtypeStruct(shape, jnp.int32, sharding=self.batch_sharding),
             "mask": jax.ShapeDtypeStruct(shape, jnp.bool_, sharding=self.batch_sharding)}
+
+  def to_global(self, local_batch: dict) -> dict[str, jax.Array]:
+    """This process's rows of a batch -> the global batch, split as the step expects."""
+    return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v))
+            for k, v in local_batch.items()}
+
+  def evaluate(self, params) -> dict[str, float]:
+    """Mean eval loss (and bits per byte with the byte tokenizer) of `params` over one
+    full, deterministic pass of the configured eval split."""
+    data, batch_size = self.config.data, self.config.train.global_batch_size
+    batches = data_lib.make_eval_iterator(data, batch_size, jax.process_index(),
+                                          jax.process_count())
+    sums = np.array([jax.device_get(self.eval_step(params, self.to_global(b)))
+                     for b in batches])
+    loss = float(sums[:, 0].sum() / max(sums[:, 1].sum(), 1.0))
+    metrics = {"eval/loss": loss}
+    if data.tokenizer == "bytes":
+      metrics["eval/bits_per_byte"] = loss / math.log(2)
+    return metrics
 
 
 def _check_batch(config, mesh, rules) -> None:
@@ -144,7 +165,7 @@ def build_setup(config, devices=None, check_vocab: bool = True) -> Setup:
       width_multiplier=config.model.get("width_multiplier", 1))
   opt_specs = _opt_state_specs(config, tx, abstract_params, param_specs, mesh, scanned_layers)
   state_specs = step_lib.TrainState(step=P(), params=param_specs, opt_state=opt_specs,
-                                    rng=P(), nonfinite_in_a_row=P())
+                                    nonfinite_in_a_row=P())
   state_shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), state_specs,
                                  is_leaf=lambda x: isinstance(x, P))
 
@@ -154,7 +175,6 @@ def build_setup(config, devices=None, check_vocab: bool = True) -> Setup:
       model = models.build(config.model, nnx.Rngs(config.seed))
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     return step_lib.TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params),
-                               rng=jax.random.PRNGKey(config.seed + 1),
                                nonfinite_in_a_row=jnp.int32(0))
 
   init_state = jax.jit(fresh_state, out_shardings=state_shardings)
@@ -170,7 +190,7 @@ def build_setup(config, devices=None, check_vocab: bool = True) -> Setup:
       donate_argnums=(0,))
   eval_step = jax.jit(step_lib.make_eval_step(graphdef, rest, rules),
                       in_shardings=(state_shardings.params, batch_sharding))
-  return Setup(mesh=mesh, rules=rules, graphdef=graphdef, rest=rest, tx=tx,
+  return Setup(config=config, mesh=mesh, rules=rules, graphdef=graphdef, rest=rest, tx=tx,
                schedule=schedule, num_params=models.param_count(abstract_params),
                flops_per_token=models.flops_per_token(config.model, config.data.seq_len),
                state_shardings=state_shardings, abstract_state=abstract_state,

@@ -20,7 +20,6 @@ class TrainState(NamedTuple):
   step: jax.Array  # int32
   params: Any
   opt_state: Any
-  rng: jax.Array  # uint32[2], for anything stochastic in the model
   nonfinite_in_a_row: jax.Array  # int32: skipped steps since the last good one
 
 
