@@ -2,14 +2,20 @@
 collectives on CPU), train exactly like one process on the same 4-device mesh, and leave
 a checkpoint that one process resumes."""
 
+import re
+import signal
 import socket
 import subprocess
+import time
 
 import jax
 import numpy as np
 import pytest
 
+from jax.experimental import multihost_utils
+
 from configs import common
+from trainer import checkpoint as checkpoint_lib
 from trainer import data as data_lib
 from trainer import distributed
 from trainer import setup as setup_lib
@@ -28,13 +34,14 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def start_process(workdir, index: int, port: int, log_path) -> subprocess.Popen:
+def start_process(workdir, index: int, port: int, log_path,
+                  *overrides: str) -> subprocess.Popen:
   """Process `index` of 2, with 2 CPU devices of its own."""
   env = {**trainer_env(), "JAX_PLATFORMS": "cpu",
          "XLA_FLAGS": "--xla_force_host_platform_device_count=2 "
                       "--xla_cpu_enable_concurrency_optimized_scheduler=false"}
   command = trainer_command(
-      workdir, *SETTINGS, f"train.stop_at={STOP}", "distributed.mode=manual",
+      workdir, *SETTINGS, *overrides, "distributed.mode=manual",
       f"distributed.coordinator_address=127.0.0.1:{port}", "distributed.num_processes=2",
       f"distributed.process_id={index}")
   with open(log_path, "w") as log:  # a file, not a pipe: a full pipe would stall a process
@@ -63,7 +70,8 @@ def losses_when_fed(config, shards: tuple[int, ...], steps: int) -> list[float]:
 def test_two_processes_train_like_one_and_one_process_resumes_them(tmp_path):
   workdir, port = tmp_path / "run", free_port()
   logs = [tmp_path / f"process_{i}.log" for i in range(2)]
-  processes = [start_process(workdir, i, port, logs[i]) for i in range(2)]
+  processes = [start_process(workdir, i, port, logs[i], f"train.stop_at={STOP}")
+               for i in range(2)]
   try:
     codes = [p.wait(timeout=600) for p in processes]
   finally:
@@ -97,6 +105,54 @@ def test_two_processes_train_like_one_and_one_process_resumes_them(tmp_path):
   resumed = losses_by_step(workdir)
   assert sorted(resumed) == list(range(1, STEPS + 1))
   assert resumed[STOP + 1] < two[1] - 0.3  # trained params, not a fresh model
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum, codes", [(signal.SIGTERM, [0, 0]), (signal.SIGINT, [0, 130])],
+                         ids=["sigterm", "ctrl_c"])
+def test_a_signal_to_one_process_stops_both_at_the_same_saved_step(tmp_path, signum, codes):
+  workdir, port = tmp_path / "run", free_port()
+  logs = [tmp_path / f"process_{i}.log" for i in range(2)]
+  processes = [start_process(workdir, i, port, logs[i], "train.steps=100000",
+                             "checkpoint.save_every=100000") for i in range(2)]
+  try:
+    deadline = time.time() + 300
+    while (len(read_metrics(workdir)) if (workdir / "metrics.jsonl").exists() else 0) < 3:
+      assert time.time() < deadline and all(p.poll() is None for p in processes), (
+          "\n".join(log.read_text()[-3000:] for log in logs))
+      time.sleep(0.1)
+    processes[1].send_signal(signum)
+    exit_codes = [p.wait(timeout=300) for p in processes]
+  finally:
+    for p in processes:
+      if p.poll() is None:
+        p.kill()
+  texts = [log.read_text() for log in logs]
+  assert exit_codes == codes, "\n".join(text[-3000:] for text in texts)
+  saved = [re.findall(r"Saved step (\d+) and stopped", text) for text in texts]
+  assert len(saved[0]) == len(saved[1]) == 1 and saved[0] == saved[1], saved
+  step = int(saved[0][0])
+  assert step >= 3 and (workdir / "checkpoints" / str(step) / "_CHECKPOINT_METADATA").exists()
+  assert "Traceback" not in texts[0] + texts[1]
+
+
+def test_multi_process_stop_checks_gather_nothing_until_a_signal(monkeypatch):
+  """With JAX's preemption service, asking every step costs no collective: the answer
+  comes from the service's sync point, and SIGTERM is left to the service's handler."""
+  def gathered(*args):
+    raise AssertionError("process_allgather called")
+
+  sync_calls = []
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(checkpoint_lib, "_preemption_service_running", lambda: True)
+  monkeypatch.setattr(multihost_utils, "process_allgather", gathered)
+  monkeypatch.setattr(multihost_utils, "reached_preemption_sync_point",
+                      lambda step: sync_calls.append(step) or step == 3)
+  before = signal.getsignal(signal.SIGTERM)
+  with checkpoint_lib.StopSignals() as signals:
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert [signals.requested(step) for step in (1, 2, 3)] == [None, None, "SIGTERM"]
+  assert sync_calls == [1, 2, 3]
 
 
 def test_manual_mode_reads_what_the_config_leaves_empty_from_the_environment(monkeypatch):

@@ -399,13 +399,23 @@ def read_verified(path: str, wanted: dict, step: Optional[int] = None) -> tuple[
       f"step {s}: {why}" for s, why in failures) + ".")
 
 
+def _preemption_service_running() -> bool:
+  """Whether jax.distributed started JAX's preemption sync service (multi-process runs,
+  unless jax_enable_preemption_service is off): it catches SIGTERM itself."""
+  return (jax.distributed.is_initialized() and
+          bool(jax.config.jax_enable_preemption_service))
+
+
 class StopSignals:
   """SIGTERM (schedulers, TPU maintenance) and SIGINT (Ctrl-C) ask for a save-and-exit;
   a second Ctrl-C aborts at once.
 
-  `requested()` is collective on multi-host runs: every process learns at the same step
-  whether any of them was signalled, so all save the same step. Use as a context
-  manager: the previous handlers come back on exit.
+  `requested(step)` tells every process at the same step whether any of them was
+  signalled, so all save that step. Multi-process runs agree through JAX's preemption
+  sync service (`multihost_utils.reached_preemption_sync_point`): a host-side protocol
+  that runs only once a signal arrives, so a step pays no collective for it. That
+  service catches SIGTERM itself; Ctrl-C is passed on to it as a SIGTERM to this
+  process. Use as a context manager: the previous handlers come back on exit.
   """
 
   _NAMES = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "SIGINT"}
@@ -413,10 +423,12 @@ class StopSignals:
   def __init__(self):
     self.received: Optional[int] = None
     self._previous = {}
+    self._synced = jax.process_count() > 1 and _preemption_service_running()
 
   def __enter__(self):
     for signum in self._NAMES:
-      self._previous[signum] = signal.signal(signum, self._handle)
+      if not (self._synced and signum == signal.SIGTERM):
+        self._previous[signum] = signal.signal(signum, self._handle)
     return self
 
   def __exit__(self, *exc):
@@ -430,10 +442,17 @@ class StopSignals:
     self.received = signum
     if signum == signal.SIGINT:
       logging.warning("Ctrl-C: saving this step, then stopping (again to abort).")
+      if self._synced:  # the preemption service tells the other processes
+        os.kill(os.getpid(), signal.SIGTERM)
 
-  def requested(self) -> Optional[str]:
-    """'SIGTERM' or 'SIGINT' once any process got one, else None."""
+  def requested(self, step: int) -> Optional[str]:
+    """'SIGTERM' or 'SIGINT' once any process got one, else None; multi-process runs
+    call it at every step, the same steps on every process."""
+    if self._synced:
+      if not multihost_utils.reached_preemption_sync_point(step):
+        return None
+      return self._NAMES[self.received or signal.SIGTERM]
     code = np.int32(self.received or 0)
-    if jax.process_count() > 1:
+    if jax.process_count() > 1:  # without the service: every process's flag, gathered
       code = multihost_utils.process_allgather(code).max()
     return self._NAMES.get(int(code))

@@ -200,7 +200,7 @@ def train(config, workdir: str, devices=None) -> tuple[step_lib.TrainState, dict
         skipped = int(watched["train/skipped_in_a_row"]) if watched else 0
         if skipped >= limit or (skipped and step == total_steps):
           raise _nonfinite_stop(checkpointer, watched_step, skipped, limit, start_step)
-        received = signals.requested()
+        received = signals.requested(step)
         if received:
           stop_reason = ("preempted (SIGTERM)" if received == "SIGTERM" else
                          "interrupted (SIGINT)")
