@@ -159,6 +159,15 @@ def test_init_from_another_runs_params(tmp_path):
     np.testing.assert_allclose(x, y, atol=1e-12)
 
 
+def test_init_from_a_directory_without_checkpoints_names_the_setting(tmp_path):
+  (tmp_path / "empty").mkdir()
+  config = tiny_config(steps=1, eval_every=0)
+  config.checkpoint.init_from = str(tmp_path / "empty")
+  with pytest.raises(checkpoint_lib.CheckpointRestoreError,
+                     match=r"checkpoint.init_from=.*empty.*No complete checkpoint"):
+    trainer_main.train(config, str(tmp_path / "run"), devices=jax.devices()[:1])
+
+
 def _logged_steps(workdir) -> list[int]:
   path = pathlib.Path(workdir) / "metrics.jsonl"
   if not path.exists():

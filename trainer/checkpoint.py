@@ -1,9 +1,9 @@
 """Orbax checkpoints of the whole run, and the rules that make every step safe to lose.
 
 A step holds {params, optimizer state (PSGD factors, momentum, key, counters), step,
-non-finite count} as "state", the grain iterator position as "data", the resolved config as "config"
-and a checksum of every state array as "checksums". What makes a kill, a full disk or
-bit rot cost at most the last save interval:
+non-finite count} as "state", the grain iterator position as "data", the resolved
+config as "config" and a checksum of every state array as "checksums". What makes a
+kill, a full disk or bit rot cost at most the last save interval:
 - A step counts only when it is complete: Orbax's commit marker and every item's
   metadata present. Leftover temporary directories are deleted (they were never a
   committed step); a step directory that is not complete is moved aside, never deleted.
@@ -347,7 +347,7 @@ def _verify(step: int, restored: Any, saved_sums: Optional[dict]) -> None:
     raise _Damaged(f"checksum mismatch in {len(bad)} array(s): {', '.join(bad[:4])}")
 
 
-def checkpoints_dir(path: str) -> str:
+def _checkpoints_dir(path: str) -> str:
   """The checkpoints directory of a workdir (or `path` itself if it is one)."""
   if os.path.basename(path.rstrip("/")) == "checkpoints":
     return path
@@ -367,7 +367,7 @@ def read_verified(path: str, wanted: dict, step: Optional[int] = None) -> tuple[
 
   Raises CheckpointRestoreError naming each step tried and why it failed.
   """
-  directory = checkpoints_dir(path)
+  directory = _checkpoints_dir(path)
   root = epath.Path(directory)
   complete = sorted((int(e.name) for e in (root.iterdir() if root.exists() else ())
                      if e.name.isdigit() and not _missing_markers(e)), reverse=True)

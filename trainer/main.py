@@ -149,9 +149,13 @@ def train(config, workdir: str, devices=None) -> tuple[step_lib.TrainState, dict
         if config.checkpoint.init_from:
           parts = (("params",) if config.checkpoint.init_what == "params" else
                    ("params", "opt_state"))
-          _, loaded = checkpoint_lib.read_verified(
-              config.checkpoint.init_from,
-              {part: getattr(run.abstract_state, part) for part in parts})
+          try:
+            _, loaded = checkpoint_lib.read_verified(
+                config.checkpoint.init_from,
+                {part: getattr(run.abstract_state, part) for part in parts})
+          except checkpoint_lib.CheckpointRestoreError as error:
+            raise checkpoint_lib.CheckpointRestoreError(
+                f"checkpoint.init_from={config.checkpoint.init_from!r}: {error}") from error
           state = state._replace(**loaded)
     start_step = int(state.step)
     logging.info("Starting at step %d of %d", start_step, total_steps)
