@@ -11,11 +11,12 @@ from psgd.fitting import MODES
 from psgd.kron import (HYPERPARAMS, STATIC_ARGS, KronState, kron, layout_table, plan_layouts,
                        scale_by_kron)
 from psgd.layout import Layout
-from psgd.schedules import precond_update_prob_schedule
+from psgd.schedules import precond_lr_schedule, precond_update_prob_schedule
 from psgd.sharding import state_partition_specs
 
 __all__ = [
     "__version__", "HYPERPARAMS", "MODES", "STATIC_ARGS", "KronState", "Layout", "kron",
-    "layout_table", "plan_layouts", "precond_update_prob_schedule", "scale_by_kron",
+    "layout_table", "plan_layouts", "precond_lr_schedule", "precond_update_prob_schedule",
+    "scale_by_kron",
     "state_partition_specs",
 ]

@@ -324,20 +324,23 @@ def _noise_eps(s: KronSettings, grad_dtype) -> float:
   return max(float(jnp.finfo(d).eps) for d in dtypes)
 
 
+def _scheduled(value: ScalarOrSchedule, count) -> jax.Array:
+  return value(count) if callable(value) else value
+
+
 def _refit_decision(s: KronSettings, count, key) -> jax.Array:
-  prob = (s.update_probability(count) if callable(s.update_probability)
-          else s.update_probability)
-  return jax.random.uniform(key) < prob
+  return jax.random.uniform(key) < _scheduled(s.update_probability, count)
 
 
-def _refit(s: KronSettings, layouts, targets, grad_eps, keys, balance_key, carry):
-  """One fitting step of every parameter's factors on `targets`, then, rarely, a
-  rebalancing of each pair against over/underflow. carry: (factors, lipschitz, precond)."""
+def _refit(s: KronSettings, layouts, targets, grad_eps, keys, balance_key, lr, carry):
+  """One fitting step (of size `lr`) of every parameter's factors on `targets`, then,
+  rarely, a rebalancing of each pair against over/underflow. carry: (factors,
+  lipschitz, precond)."""
   factors, lipschitz, precond = carry
 
   def fit_param(lay, fs, lip, h, keys, eps, pfs):
     def fit_block(fs, lip, h, key, pfs):
-      return fitting.fit(s.mode, fs, lip, h, key, lr=s.preconditioner_lr,
+      return fitting.fit(s.mode, fs, lip, h, key, lr=lr,
                          beta=s.beta_lipschitz, damping=s.damping, grad_eps=eps,
                          p_factors=pfs or None, operand_dtype=s.fit_operand_dtype,
                          fitted=lay.fitted)
@@ -391,7 +394,7 @@ def scale_by_kron(
     memory_save_mode: layout_lib.MemorySaveMode = None,
     block_size: Optional[int] = None,
     merge_dims: bool = True,
-    preconditioner_lr: float = 0.7,
+    preconditioner_lr: ScalarOrSchedule = 0.7,
     preconditioner_init_scale: Optional[float] = None,
     preconditioner_mode: fitting.Mode = "Q0.5EQ1.5",
     cache_preconditioner: bool = False,
@@ -446,10 +449,11 @@ def scale_by_kron(
     merge_dims: see a tensor of rank 3 or more as its most square matrix, with two
       factors (True, quad-torch's layout), or keep its dims with a factor each
       (False, psgd_torch's layout). Rank 2 and below are the same either way.
-    preconditioner_lr: step size of the factor fit (relative to the Lipschitz bound).
-      0.7 (quad-torch's default; psgd_torch and psgdax use 0.1) fits P in tens of
-      refits instead of hundreds, but follows recent gradients more than a long
-      average (a noisier fit of a fixed covariance); it won on the language model of
+    preconditioner_lr: step size of the factor fit (relative to the Lipschitz bound),
+      or a schedule of the number of refits done (`precond_lr_schedule`). 0.7
+      (quad-torch's default; psgd_torch and psgdax use 0.1) fits P in tens of refits
+      instead of hundreds, but follows recent gradients more than a long average (a
+      noisier fit of a fixed covariance); it won on the language model of
       docs/kron_vs_muon.md.
     preconditioner_init_scale: P starts as this squared times I; None sets it once
       from the first nonzero gradients, as (max E[g^4] + damping^4)^(-1/4).
@@ -570,9 +574,10 @@ def scale_by_kron(
     refit = _refit_decision(s, state.count, k_decide) & initialized
     fit_on = grads if s.whiten_grad else mu
     grad_eps = jax.tree.map(lambda g: _noise_eps(s, g.dtype), updates)
+    fit_lr = _scheduled(s.preconditioner_lr, state.num_updates)
     factors, lipschitz, precond = jax.lax.cond(
         refit, functools.partial(_refit, s, layouts, fit_on, grad_eps,
-                                 _block_keys(k_fit, layouts), k_balance),
+                                 _block_keys(k_fit, layouts), k_balance, fit_lr),
         lambda carry: carry, (factors, state.lipschitz, precond))
     new_updates = _precondition(s, layouts, factors, precond, mu, updates)
     return new_updates, KronState(
@@ -615,7 +620,7 @@ def kron(
     memory_save_mode: layout_lib.MemorySaveMode = None,
     block_size: Optional[int] = None,
     merge_dims: bool = True,
-    preconditioner_lr: float = 0.7,
+    preconditioner_lr: ScalarOrSchedule = 0.7,
     preconditioner_init_scale: Optional[float] = None,
     preconditioner_mode: fitting.Mode = "Q0.5EQ1.5",
     cache_preconditioner: bool = False,

@@ -126,7 +126,10 @@ def optimizer(name: str, schedule, kron_args: str = "{}"):
   if name == "muon":
     return optax.contrib.muon(schedule, consistent_rms=0.2)
   if name == "kron":
-    return psgd.kron(schedule, **json.loads(kron_args))
+    args = json.loads(kron_args)
+    if isinstance(args.get("preconditioner_lr"), dict):  # its schedule's arguments
+      args["preconditioner_lr"] = psgd.precond_lr_schedule(**args["preconditioner_lr"])
+    return psgd.kron(schedule, **args)
   raise ValueError(name)
 
 
@@ -189,7 +192,8 @@ def main():
   parser.add_argument("--batch", type=int, default=64)
   parser.add_argument("--evals", type=int, default=10)
   parser.add_argument("--kron_args", default="{}",
-                      help="psgd.kron arguments as a JSON object, e.g. '{\"b1\": 0.95}'")
+                      help="psgd.kron arguments as a JSON object, e.g. '{\"b1\": 0.95}'; "
+                      "a preconditioner_lr object holds precond_lr_schedule's arguments")
   parser.add_argument("--out", default="", help="write <out>/heldout.json")
   args = parser.parse_args()
   lrs = [float(v) for v in args.lrs.split(",")]

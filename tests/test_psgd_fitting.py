@@ -93,6 +93,31 @@ def test_default_preconditioner_lr_fits_faster_at_a_higher_noise_floor():
   assert error[(0.1, 1000)] < 0.2 and error[(default, 1000)] < 0.7, error
 
 
+def test_annealed_preconditioner_lr_fits_fast_early_and_precisely_late():
+  # psgd.precond_lr_schedule (0.7 -> 0.1) against the constant steps at its two ends, on
+  # the problem above: closer than either after 30 refits (0.7's speed), and after 1000
+  # as close as 0.1 gets (0.7 stays at its higher noise floor).
+  cov_rows, cov_cols = random_spd(0, 8, 100.0) * 1e-2, random_spd(1, 6, 100.0)
+  lrs = {"annealed": psgd.precond_lr_schedule(0.7, 0.1, decay_refits=50), "0.7": 0.7,
+         "0.1": 0.1}
+  error = {(name, steps): whitening_error("Q0.5EQ1.5", fit_on_gaussian_gradients(
+      "Q0.5EQ1.5", cov_rows, cov_cols, steps, preconditioner_lr=lr,
+      max_skew_triangular=float("inf")), cov_rows, cov_cols)
+      for name, lr in lrs.items() for steps in (30, 1000)}
+  assert error[("annealed", 30)] < 0.9 * min(error[("0.7", 30)], error[("0.1", 30)]), error
+  assert error[("annealed", 1000)] < 1.2 * error[("0.1", 1000)], error
+  assert error[("annealed", 1000)] < 0.5 * error[("0.7", 1000)], error
+
+
+def test_precond_lr_schedule_goes_from_start_to_end():
+  schedule = psgd.precond_lr_schedule(0.7, 0.1, decay_refits=50)
+  values = np.asarray([schedule(n) for n in (0, 50, 100, 1000)])
+  np.testing.assert_allclose(values, [0.7, 0.1 + 0.6 / np.e, 0.1 + 0.6 / np.e**2, 0.1],
+                             rtol=1e-6)
+  with pytest.raises(ValueError, match="decay_refits=0"):
+    psgd.precond_lr_schedule(decay_refits=0)
+
+
 @pytest.mark.parametrize("mode", ["EQ", "Q0.5EQ1.5", "QEQ", "QUAD"])
 def test_modes_keep_their_group(mode):
   # EQ keeps Q upper triangular exactly; Q0.5EQ1.5 and QUAD keep Q symmetric positive
