@@ -194,6 +194,7 @@ class Transformer(nnx.Module):
   def decode(self, tokens: jax.Array, cache: dict, start) -> tuple[jax.Array, dict]:
     """(logits, cache) for `tokens` [B, T] at positions start..start+T-1, given the
     cache of positions before `start`: a prompt with start=0, then one token at a time.
-    The logits equal those of `model(all tokens so far)` at the same positions."""
+    The logits equal those of `model(all tokens so far)` at the same positions. Needs
+    start + T <= the cache's max_len (a write past its end would land at wrong rows)."""
     x, cache = self.blocks.decode(self.embed(tokens), cache, start)
     return self._logits(x), cache

@@ -259,6 +259,12 @@ def test_readers_take_the_newest_intact_step_and_change_nothing(saved_run, tmp_p
   assert sorted(str(p.relative_to(workdir)) for p in workdir.rglob("*")) == before
   with pytest.raises(checkpoint_lib.CheckpointRestoreError, match="Step 5 is not"):
     checkpoint_lib.read_verified(str(workdir), {"params": run.abstract_state.params}, step=5)
+  wider = _config(8)
+  wider.model.d_model = 64  # arrays the checkpoints do not hold: one clear error
+  other = setup_lib.build_setup(wider, jax.devices()[:1]).abstract_state.params
+  with pytest.raises(checkpoint_lib.CheckpointMismatchError, match="does not hold the arr"):
+    checkpoint_lib.read_verified(str(workdir), {"params": other})
+  assert sorted(str(p.relative_to(workdir)) for p in workdir.rglob("*")) == before
 
 
 def test_a_checkpoint_with_the_retired_rng_field_still_resumes(tmp_path):

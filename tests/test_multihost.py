@@ -107,33 +107,64 @@ def test_two_processes_train_like_one_and_one_process_resumes_them(tmp_path):
   assert resumed[STOP + 1] < two[1] - 0.3  # trained params, not a fresh model
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("signum, codes", [(signal.SIGTERM, [0, 0]), (signal.SIGINT, [0, 130])],
-                         ids=["sigterm", "ctrl_c"])
-def test_a_signal_to_one_process_stops_both_at_the_same_saved_step(tmp_path, signum, codes):
+def _signal_one_of_two(tmp_path, name: str, signum, ready, *overrides):
+  """Start two processes on the run in tmp_path/run, send `signum` to process 1 once
+  ready(workdir, process 1's log text) holds, and wait for both; returns (exit codes,
+  the steps each said it saved and stopped at, both logs)."""
   workdir, port = tmp_path / "run", free_port()
-  logs = [tmp_path / f"process_{i}.log" for i in range(2)]
-  processes = [start_process(workdir, i, port, logs[i], "train.steps=100000",
-                             "checkpoint.save_every=100000") for i in range(2)]
+  logs = [tmp_path / f"{name}_{i}.log" for i in range(2)]
+  processes = [start_process(workdir, i, port, logs[i], *overrides) for i in range(2)]
   try:
     deadline = time.time() + 300
-    while (len(read_metrics(workdir)) if (workdir / "metrics.jsonl").exists() else 0) < 3:
+    while not ready(workdir, logs[1].read_text() if logs[1].exists() else ""):
       assert time.time() < deadline and all(p.poll() is None for p in processes), (
           "\n".join(log.read_text()[-3000:] for log in logs))
-      time.sleep(0.1)
+      time.sleep(0.05)
     processes[1].send_signal(signum)
-    exit_codes = [p.wait(timeout=300) for p in processes]
+    codes = [p.wait(timeout=300) for p in processes]
   finally:
     for p in processes:
       if p.poll() is None:
         p.kill()
   texts = [log.read_text() for log in logs]
-  assert exit_codes == codes, "\n".join(text[-3000:] for text in texts)
   saved = [re.findall(r"Saved step (\d+) and stopped", text) for text in texts]
+  assert "Traceback" not in texts[0] + texts[1], "\n".join(t[-3000:] for t in texts)
+  return codes, saved, texts
+
+
+def _logged_at_least(steps):
+  return lambda workdir, _: ((workdir / "metrics.jsonl").exists() and
+                             len(read_metrics(workdir)) >= steps)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum, codes", [(signal.SIGTERM, [0, 0]), (signal.SIGINT, [0, 130])],
+                         ids=["sigterm", "ctrl_c"])
+def test_a_signal_to_one_process_stops_both_at_the_same_saved_step(tmp_path, signum, codes):
+  exit_codes, saved, texts = _signal_one_of_two(
+      tmp_path, "run", signum, _logged_at_least(3), "train.steps=100000",
+      "checkpoint.save_every=100000")
+  assert exit_codes == codes, "\n".join(text[-3000:] for text in texts)
   assert len(saved[0]) == len(saved[1]) == 1 and saved[0] == saved[1], saved
   step = int(saved[0][0])
-  assert step >= 3 and (workdir / "checkpoints" / str(step) / "_CHECKPOINT_METADATA").exists()
-  assert "Traceback" not in texts[0] + texts[1]
+  assert step >= 3
+  assert (tmp_path / "run" / "checkpoints" / str(step) / "_CHECKPOINT_METADATA").exists()
+
+
+@pytest.mark.slow
+def test_a_preemption_before_a_resumed_runs_first_step_stops_it_at_that_step(tmp_path):
+  """The sync service counts steps from this run's start: a notice during the restore
+  of a run resumed at step 2 stops both processes after step 3, the first they take."""
+  port = free_port()
+  processes = [start_process(tmp_path / "run", i, port, tmp_path / f"first_{i}.log",
+                             "train.stop_at=2") for i in range(2)]
+  assert [p.wait(timeout=600) for p in processes] == [0, 0]
+  joined = lambda _, log: "jax.distributed: process 1 of 2" in log
+  exit_codes, saved, texts = _signal_one_of_two(
+      tmp_path, "resumed", signal.SIGTERM, joined, "train.steps=100000")
+  assert exit_codes == [0, 0], "\n".join(text[-3000:] for text in texts)
+  assert all("Starting at step 2" in text for text in texts)
+  assert saved == [["3"], ["3"]], saved
 
 
 def test_multi_process_stop_checks_gather_nothing_until_a_signal(monkeypatch):

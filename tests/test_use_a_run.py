@@ -50,8 +50,10 @@ def test_eval_reproduces_the_runs_eval_loss_of_any_step_and_writes_nothing(train
     assert report["eval/bits_per_byte"] == logged[step]["eval/bits_per_byte"]
   assert _files(trained_run) == before
 
-  # Another eval set, through the config overrides: fewer batches, another loss.
-  result = _tool("eval", trained_run, "--config.data.eval_batches=1")
+  # Another eval set, through the config overrides: fewer batches, another loss; a
+  # tuple-valued setting (saved as a JSON list) overrides too.
+  result = _tool("eval", trained_run, "--config.data.eval_batches=1",
+                 "--config.mesh.shape=(1,1,1)")
   assert result.returncode == 0, result.stderr[-3000:]
   one_batch = json.loads(result.stdout.strip().splitlines()[-1])
   assert one_batch["step"] == 20 and one_batch["eval/loss"] != logged[20]["eval/loss"]

@@ -347,6 +347,21 @@ def _verify(step: int, restored: Any, saved_sums: Optional[dict]) -> None:
     raise _Damaged(f"checksum mismatch in {len(bad)} array(s): {', '.join(bad[:4])}")
 
 
+def _check_shapes(step: int, wanted: dict, metadata: Any, directory: str) -> None:
+  """CheckpointMismatchError unless every wanted array is saved, with its shape."""
+  saved = _saved_shapes(metadata)
+  problems = [f"{name}: checkpoint {saved.get(name, 'missing')}, wanted {tuple(x.shape)}"
+              for name, x in ((_path_str(p), x) for p, x in
+                              jax.tree_util.tree_flatten_with_path(wanted)[0])
+              if saved.get(name) != tuple(x.shape)]
+  if problems:
+    raise CheckpointMismatchError(
+        f"Step {step} in {directory} does not hold the arrays of this config: " +
+        "; ".join(problems[:6]) + (f"; ... {len(problems) - 6} more" if len(problems) > 6
+                                   else "") +
+        ". Read it with the config it was written with.")
+
+
 def _checkpoints_dir(path: str) -> str:
   """The checkpoints directory of a workdir (or `path` itself if it is one)."""
   if os.path.basename(path.rstrip("/")) == "checkpoints":
@@ -365,12 +380,18 @@ def read_verified(path: str, wanted: dict, step: Optional[int] = None) -> tuple[
       the shardings to restore to, e.g. {"params": abstract_params}.
     step: the step to read; None for the newest that restores intact.
 
-  Raises CheckpointRestoreError naming each step tried and why it failed.
+  Raises CheckpointMismatchError when the steps hold other arrays or shapes than
+  `wanted`, and CheckpointRestoreError naming each step tried and why it failed. On
+  several processes, process 0's list of steps is used and a step counts only if it
+  restores on every process.
   """
   directory = _checkpoints_dir(path)
   root = epath.Path(directory)
   complete = sorted((int(e.name) for e in (root.iterdir() if root.exists() else ())
                      if e.name.isdigit() and not _missing_markers(e)), reverse=True)
+  if jax.process_count() > 1:  # one list for all, even while a save commits
+    complete = [int(s) for s in multihost_utils.broadcast_one_to_all(
+        np.array(complete + [-1] * (64 - len(complete)), np.int64)[:64]) if s >= 0]
   if step is not None:
     if step not in complete:
       raise CheckpointRestoreError(f"Step {step} is not a complete checkpoint in "
@@ -380,16 +401,24 @@ def read_verified(path: str, wanted: dict, step: Optional[int] = None) -> tuple[
     raise CheckpointRestoreError(f"No complete checkpoint in {directory}.")
   failures = []
   options = ocp.CheckpointManagerOptions(read_only=True)
-  with ocp.CheckpointManager(directory, options=options) as manager:
+  handlers = dict(state=ocp.PyTreeCheckpointHandler(), checksums=ocp.JsonCheckpointHandler())
+  with ocp.CheckpointManager(directory, options=options, item_handlers=handlers) as manager:
     for candidate in complete:
       try:
+        _check_shapes(candidate, wanted, manager.item_metadata(candidate)["state"],
+                      directory)
         items = dict(state=_restore_args(wanted))
         if (root / str(candidate) / "checksums").exists():
           items["checksums"] = ocp.args.JsonRestore()
         restored = manager.restore(candidate, args=ocp.args.Composite(**items))
         _verify(candidate, restored.state, restored.get("checksums"))
+        why = None
+      except CheckpointMismatchError:
+        raise
       except Exception as error:  # pylint: disable=broad-except
-        failures.append((candidate, _one_line(error)))
+        why = _one_line(error)
+      if not _all_processes_agree(why is None):
+        failures.append((candidate, why or "it does not restore on another process"))
         logging.warning("Skipping checkpoint step %d of %s: %s", candidate, directory,
                         failures[-1][1])
         continue
@@ -413,15 +442,18 @@ class StopSignals:
   `requested(step)` tells every process at the same step whether any of them was
   signalled, so all save that step. Multi-process runs agree through JAX's preemption
   sync service (`multihost_utils.reached_preemption_sync_point`): a host-side protocol
-  that runs only once a signal arrives, so a step pays no collective for it. That
-  service catches SIGTERM itself; Ctrl-C is passed on to it as a SIGTERM to this
-  process. Use as a context manager: the previous handlers come back on exit.
+  that runs only once a signal arrives, so a step pays no collective for it. It counts
+  the calls since this run started (a notice that comes before the first one syncs at
+  the first), so it is given the steps since `start_step`. The service catches SIGTERM
+  itself; Ctrl-C is passed on to it as a SIGTERM to this process. Use as a context
+  manager: the previous handlers come back on exit.
   """
 
   _NAMES = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "SIGINT"}
 
-  def __init__(self):
+  def __init__(self, start_step: int = 0):
     self.received: Optional[int] = None
+    self._start_step = start_step
     self._previous = {}
     self._synced = jax.process_count() > 1 and _preemption_service_running()
 
@@ -449,7 +481,7 @@ class StopSignals:
     """'SIGTERM' or 'SIGINT' once any process got one, else None; multi-process runs
     call it at every step, the same steps on every process."""
     if self._synced:
-      if not multihost_utils.reached_preemption_sync_point(step):
+      if not multihost_utils.reached_preemption_sync_point(step - self._start_step):
         return None
       return self._NAMES[self.received or signal.SIGTERM]
     code = np.int32(self.received or 0)

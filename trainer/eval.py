@@ -20,6 +20,7 @@ from trainer import checkpoint as checkpoint_lib
 from trainer import distributed, paths, saved_run
 from trainer import setup as setup_lib
 
+
 def evaluate_checkpoint(config, workdir: str, step: Optional[int] = None,
                         devices=None) -> tuple[int, dict[str, float]]:
   """(step, eval metrics) of the run in `workdir`, built from `config` (the run's own,

@@ -2,8 +2,8 @@
 
     python -m trainer.export --workdir runs/cpu_lm --out runs/cpu_lm.npz
 
-writes the params of the run's newest checkpoint, each under its path
-('blocks/layers/attn/wq'), and the model section of the run's config as JSON under
+writes the params of the run's newest checkpoint that restores intact, each under its
+path ('blocks/layers/attn/wq'), and the model section of the run's config as JSON under
 '__model_config__'; the file opens with plain numpy (no pickle). In Python:
 
     model = trainer.export.load("runs/cpu_lm.npz")  # the Flax NNX model, params in place

@@ -14,12 +14,11 @@ import contextlib
 import json
 import logging as logging_std
 import math
-import os
-import pathlib
 import warnings
 
 import jax
 from absl import app, flags, logging
+from etils import epath
 from ml_collections import config_flags
 
 from trainer import checkpoint as checkpoint_lib
@@ -125,9 +124,6 @@ def train(config, workdir: str, devices=None) -> tuple[step_lib.TrainState, dict
   logging.info("Model: %s, %.2fM params, %.3g training FLOPs/token; mesh %s",
                config.model.name, run.num_params / 1e6, run.flops_per_token,
                dict(mesh.shape))
-  if is_main:
-    pathlib.Path(workdir).mkdir(parents=True, exist_ok=True)
-    (pathlib.Path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2))
 
   # -------------------------------------------------------------------- data
   train_iter = data_lib.make_train_iterator(config.data, config.train.global_batch_size,
@@ -159,12 +155,14 @@ def train(config, workdir: str, devices=None) -> tuple[step_lib.TrainState, dict
           state = state._replace(**loaded)
     start_step = int(state.step)
     logging.info("Starting at step %d of %d", start_step, total_steps)
+    if is_main:  # only now: a config its checkpoints refuse must not replace the saved one
+      (epath.Path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2))
 
     # -------------------------------------------------------------- the loop
     writer = MetricsWriter(workdir, total_steps, start_step=start_step, enabled=is_main)
     cleanup.callback(writer.close)
     loss_since_log = MeanSinceLog(("train/loss",))
-    signals = cleanup.enter_context(checkpoint_lib.StopSignals())
+    signals = cleanup.enter_context(checkpoint_lib.StopSignals(start_step))
     peak_flops = hardware.peak_flops_per_device(config.train.peak_flops_per_device)
     tokens_per_step = config.train.global_batch_size * config.data.seq_len
     limit = config.train.max_nonfinite_steps

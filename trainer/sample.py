@@ -6,9 +6,9 @@ r"""Sample text from a trained run: `python -m trainer.sample --workdir runs/cpu
 restores the params of the newest step that restores intact (or of --step) on the run's
 mesh (`--config.mesh.shape=...` for another device count), encodes the prompt with the
 run's tokenizer and decodes with a key/value cache: the prompt in one pass, then one
-token per step, so generation time grows linearly with its length. --temperature 0 is
-greedy decoding. Each sample is printed as prompt + continuation, cut at the first EOS.
-It reads the workdir only.
+token per step that attends over the cache, instead of running the whole sequence
+again for each token. --temperature 0 is greedy decoding. Each sample is printed as
+prompt + continuation, cut at the first EOS. It reads the workdir only.
 """
 
 import math
@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from trainer import checkpoint as checkpoint_lib
 from trainer import data as data_lib
@@ -28,8 +29,8 @@ from trainer import mesh as mesh_lib
 from trainer import paths, saved_run
 from trainer import setup as setup_lib
 
-_PROMPT = flags.DEFINE_string("prompt", "", "The text to continue ('' starts from EOS, "
-                              "the start of a document).")
+_PROMPT = flags.DEFINE_string("prompt", "", "The text to continue, from the start of a "
+                              "document ('': a new document).")
 _LENGTH = flags.DEFINE_integer("length", 200, "Tokens to generate per sample.")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1, "Samples of the same prompt.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.8, "Softmax temperature; 0 is greedy.")
@@ -52,7 +53,7 @@ def next_token(logits: jax.Array, key: jax.Array, *, temperature: float, top_k: 
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
   logits = logits / temperature
   if top_k:
-    kth_largest = jax.lax.top_k(logits, top_k)[0][:, -1:]
+    kth_largest = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))[0][:, -1:]
     logits = jnp.where(logits < kth_largest, -jnp.inf, logits)
   if top_p < 1:
     descending = -jnp.sort(-logits, axis=-1)
@@ -123,22 +124,27 @@ def load_model(config, workdir: str, step: Optional[int] = None, devices=None):
 def sample_texts(config, workdir: str, prompt: str, *, length: int, num_samples: int = 1,
                  seed: int = 0, temperature: float = 0.8, top_k: int = 0,
                  top_p: float = 1.0, step: Optional[int] = None, devices=None) -> list[str]:
-  """`num_samples` continuations of `prompt` by the run in `workdir`, as text."""
+  """`num_samples` continuations of `prompt` by the run in `workdir`, as text (the
+  prompt included, decoded with the continuation so that tokenizers which join pieces,
+  like SentencePiece's spaces, join them across the boundary)."""
   _, model, run = load_model(config, workdir, step, devices)
   tokenizer = data_lib.make_tokenizer(run.config.data.tokenizer)
-  ids = tokenizer.encode(prompt) if prompt else np.array([tokenizer.eos_id], np.int32)
+  # Training documents follow an EOS, so a prompt starts after one too.
+  ids = np.concatenate([[tokenizer.eos_id], tokenizer.encode(prompt)]).astype(np.int32)
   # Rows are split over the data-parallel devices: pad to a multiple of them.
-  rows = math.ceil(num_samples / mesh_lib.data_parallel_size(run.mesh, run.rules)) * (
-      mesh_lib.data_parallel_size(run.mesh, run.rules))
-  batch = jnp.asarray(np.tile(ids, (rows, 1)), jnp.int32)
+  parallel = mesh_lib.data_parallel_size(run.mesh, run.rules)
+  rows = math.ceil(num_samples / parallel) * parallel
+  replicated = jax.sharding.NamedSharding(run.mesh, jax.sharding.PartitionSpec())
+  batch = jax.device_put(np.tile(ids, (rows, 1)), replicated)  # the same on every process
   with jax.set_mesh(run.mesh), nnx.logical_axis_rules(run.rules):
     tokens = generate(model, batch, jax.random.PRNGKey(seed), length=length,
                       temperature=temperature, top_k=top_k, top_p=top_p,
                       vocab_size=tokenizer.vocab_size)
+  tokens = multihost_utils.process_allgather(tokens, tiled=True)  # rows on other hosts too
   texts = []
-  for row in np.asarray(tokens)[:num_samples]:
+  for row in tokens[:num_samples]:
     ends = np.flatnonzero(row == tokenizer.eos_id)
-    texts.append(prompt + tokenizer.decode(row[:ends[0]] if ends.size else row))
+    texts.append(tokenizer.decode(np.concatenate([ids, row[:ends[0]] if ends.size else row])))
   return texts
 
 

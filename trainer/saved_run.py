@@ -2,8 +2,11 @@
 
     python -m trainer.eval --workdir runs/cpu_lm --config.data.eval_batches=64
 
-The run's config is the one trainer.main saved in <workdir>/config.json; `--config.<key>`
-flags override it, as they override a config file for trainer.main.
+The run's config is the one trainer.main saved in <workdir>/config.json, laid over the
+schema of configs/common.py (so every setting keeps its type and can be overridden);
+`--config.<key>` flags override it, as they override a config file for trainer.main.
+The `distributed` section is this launch's, not the saved run's: a reader usually runs
+elsewhere (default 'auto'; set it with --config.distributed.*).
 """
 
 import argparse
@@ -15,27 +18,49 @@ from absl import flags
 from etils import epath
 from ml_collections import config_flags
 
+from configs import common
 from trainer import paths
 
 
+def _typed(value):
+  """JSON lists back to the tuples the schema holds (mesh shape, axis rules)."""
+  return tuple(_typed(v) for v in value) if isinstance(value, list) else value
+
+
+def _lay_over(config: ml_collections.ConfigDict, saved: dict) -> None:
+  for key, value in saved.items():
+    if isinstance(value, dict) and isinstance(config.get(key), ml_collections.ConfigDict):
+      _lay_over(config[key], value)
+    elif key in config and value is None:
+      config[key] = None  # a placeholder keeps its type
+    else:
+      config[key] = _typed(value)
+
+
 def load_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config the run in `workdir` was started with."""
+  """The config the run in `workdir` was started with, typed by configs/common.py."""
   path = epath.Path(paths.absolute(workdir)) / "config.json"
   if not path.exists():
     raise FileNotFoundError(f"{path} does not exist: --workdir must be the workdir of a run "
                             "(trainer.main writes its config there).")
-  return ml_collections.ConfigDict(json.loads(path.read_text()))
+  saved = json.loads(path.read_text())
+  saved.pop("distributed", None)
+  config = common.base_config()
+  _lay_over(config, saved)
+  return config
 
 
 def define_flags(argv: list[str]) -> None:
   """Defines the absl flags --workdir, --step and --config, the config of the run that
   argv's --workdir names, so `--config.<key>=<value>` overrides it. Call before app.run."""
   parser = argparse.ArgumentParser(add_help=False)
-  parser.add_argument("--workdir")
+  parser.add_argument("--workdir", "-workdir")
   workdir = parser.parse_known_args(argv[1:])[0].workdir
+  if not workdir and not {"--help", "-h", "--helpfull"} & set(argv[1:]):
+    sys.exit("Error: --workdir is required: the workdir of a run (trainer.main's).")
   try:
-    config = load_config(workdir) if workdir else ml_collections.ConfigDict()
-  except FileNotFoundError as error:
+    config = load_config(workdir) if workdir else common.base_config()
+  except (OSError, ValueError) as error:
     sys.exit(f"Error: {error}")  # one line and status 1, before any flag is parsed
   config_flags.DEFINE_config_dict("config", config, "The run's config (<workdir>/"
                                   "config.json); override any setting with --config.<key>.")
