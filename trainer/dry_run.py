@@ -209,7 +209,7 @@ def _compile(run, config) -> tuple[Any, str]:
   for the chip (TPU compilers refuse such programs)."""
   try:
     with jax.set_mesh(run.mesh):
-      lowered = run.train_step.lower(run.abstract_state, run.abstract_batch(config))
+      lowered = run.train_step.lower(run.abstract_state, run.abstract_batch())
       return lowered.compile(), ""
   except jax.errors.JaxRuntimeError as e:
     if "RESOURCE_EXHAUSTED" not in str(e):

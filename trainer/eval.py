@@ -16,21 +16,16 @@ from typing import Optional
 import jax
 from absl import app, flags
 
-from trainer import checkpoint as checkpoint_lib
-from trainer import distributed, paths, saved_run
-from trainer import setup as setup_lib
+from trainer import distributed, saved_run
 
 
 def evaluate_checkpoint(config, workdir: str, step: Optional[int] = None,
                         devices=None) -> tuple[int, dict[str, float]]:
   """(step, eval metrics) of the run in `workdir`, built from `config` (the run's own,
   from saved_run.load_config, with any changes) on `devices` (default: all)."""
-  config = paths.resolve_config_paths(config)
-  run = setup_lib.build_setup(config, devices)
+  step, params, run = saved_run.restore_params(config, workdir, step, devices)
   with jax.set_mesh(run.mesh):
-    step, restored = checkpoint_lib.read_verified(
-        paths.absolute(workdir), {"params": run.abstract_state.params}, step)
-    return step, run.evaluate(restored["params"])
+    return step, run.evaluate(params)
 
 
 def main(argv):

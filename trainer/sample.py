@@ -22,12 +22,10 @@ from absl import app, flags
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from trainer import checkpoint as checkpoint_lib
 from trainer import data as data_lib
 from trainer import distributed
 from trainer import mesh as mesh_lib
-from trainer import paths, saved_run
-from trainer import setup as setup_lib
+from trainer import saved_run
 
 _PROMPT = flags.DEFINE_string("prompt", "", "The text to continue, from the start of a "
                               "document ('': a new document).")
@@ -110,24 +108,14 @@ def generate(model, prompt: jax.Array, key: jax.Array, *, length: int, temperatu
   return jnp.concatenate([first[:, None], rest.T], axis=1)
 
 
-def load_model(config, workdir: str, step: Optional[int] = None, devices=None):
-  """(step, model, run setup): the run's model with the params of `step` (default: the
-  newest that restores intact), placed on the mesh `config` describes."""
-  config = paths.resolve_config_paths(config)
-  run = setup_lib.build_setup(config, devices)
-  with jax.set_mesh(run.mesh):
-    step, restored = checkpoint_lib.read_verified(
-        paths.absolute(workdir), {"params": run.abstract_state.params}, step)
-  return step, nnx.merge(run.graphdef, restored["params"], run.rest), run
-
-
 def sample_texts(config, workdir: str, prompt: str, *, length: int, num_samples: int = 1,
                  seed: int = 0, temperature: float = 0.8, top_k: int = 0,
                  top_p: float = 1.0, step: Optional[int] = None, devices=None) -> list[str]:
   """`num_samples` continuations of `prompt` by the run in `workdir`, as text (the
   prompt included, decoded with the continuation so that tokenizers which join pieces,
   like SentencePiece's spaces, join them across the boundary)."""
-  _, model, run = load_model(config, workdir, step, devices)
+  _, params, run = saved_run.restore_params(config, workdir, step, devices)
+  model = nnx.merge(run.graphdef, params, run.rest)
   tokenizer = data_lib.make_tokenizer(run.config.data.tokenizer)
   # Training documents follow an EOS, so a prompt starts after one too.
   ids = np.concatenate([[tokenizer.eos_id], tokenizer.encode(prompt)]).astype(np.int32)

@@ -12,14 +12,18 @@ elsewhere (default 'auto'; set it with --config.distributed.*).
 import argparse
 import json
 import sys
+from typing import Optional
 
+import jax
 import ml_collections
 from absl import flags
 from etils import epath
 from ml_collections import config_flags
 
 from configs import common
+from trainer import checkpoint as checkpoint_lib
 from trainer import paths
+from trainer import setup as setup_lib
 
 
 def _typed(value):
@@ -48,6 +52,17 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   config = common.base_config()
   _lay_over(config, saved)
   return config
+
+
+def restore_params(config, workdir: str, step: Optional[int] = None, devices=None):
+  """(step, params, run setup): the run `config` describes (its own, from load_config,
+  with any changes) built on `devices` (default: all), and the params of the run in
+  `workdir` at `step` (default: the newest that restores intact), placed on its mesh."""
+  run = setup_lib.build_setup(paths.resolve_config_paths(config), devices)
+  with jax.set_mesh(run.mesh):
+    step, restored = checkpoint_lib.read_verified(
+        paths.absolute(workdir), {"params": run.abstract_state.params}, step)
+  return step, restored["params"], run
 
 
 def define_flags(argv: list[str]) -> None:

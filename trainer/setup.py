@@ -45,8 +45,8 @@ class Setup:
   train_step: Callable  # (state, batch) -> (state, metrics), jitted, state donated
   eval_step: Callable  # (params, batch) -> (loss sum, token count), jitted
 
-  def abstract_batch(self, config) -> dict[str, jax.ShapeDtypeStruct]:
-    shape = (config.train.global_batch_size, config.data.seq_len)
+  def abstract_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
+    shape = (self.config.train.global_batch_size, self.config.data.seq_len)
     return {"inputs": jax.ShapeDtypeStruct(shape, jnp.int32, sharding=self.batch_sharding),
             "targets": jax.ShapeDtypeStruct(shape, jnp.int32, sharding=self.batch_sharding),
             "mask": jax.ShapeDtypeStruct(shape, jnp.bool_, sharding=self.batch_sharding)}
