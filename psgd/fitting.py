@@ -192,11 +192,41 @@ def scale_factors(mode: str, factors: Factors, scale: jax.Array) -> Factors:
   return tuple(f * per_factor.astype(f.dtype) for f in factors)
 
 
-def balance(factors: Factors) -> Factors:
-  """Equalize the factors' max-abs (same product), against over/underflow."""
+def balance(factors: Factors, when: jax.Array | bool = True) -> Factors:
+  """Equalize the factors' max-abs (same product), against over/underflow; the factors
+  unchanged where `when` is False (a multiply by one, cheaper than a conditional, which
+  would copy them)."""
   norms = jnp.stack([jnp.max(jnp.abs(f)) for f in factors])
   gmean = jnp.exp(jnp.mean(jnp.log(norms + _TINY)))
-  return tuple(f * (gmean / (n + _TINY)) for f, n in zip(factors, norms))
+  return tuple(f * jnp.where(when, gmean / (n + _TINY), 1).astype(f.dtype)
+               for f, n in zip(factors, norms))
+
+
+def _hash32(x: jax.Array) -> jax.Array:
+  """An avalanche mix of uint32s (the finalizer of Appleby's MurmurHash3): each output
+  bit depends on every input bit. Far cheaper than a counter-based PRNG per element."""
+  x = x ^ (x >> 16)
+  x = x * jnp.uint32(0x85EBCA6B)
+  x = x ^ (x >> 13)
+  x = x * jnp.uint32(0xC2B2AE35)
+  return x ^ (x >> 16)
+
+
+def round_stochastically(x: jax.Array, key: jax.Array, salt: int = 0) -> jax.Array:
+  """float32 -> bfloat16, rounding away from zero with probability equal to the part
+  cut off, so the rounding is unbiased: a refit's change below bfloat16's resolution
+  still moves a stored factor on average, where round-to-nearest would drop it every
+  time (Gupta et al., `Deep Learning with Limited Numerical Precision
+  <https://arxiv.org/abs/1502.02551>`_, 2015). The dither is a hash of each element's
+  index, the bits of `key` (a fresh key for every rounding) and `salt` (to round
+  several arrays with one key)."""
+  words = jax.random.key_data(key).reshape(-1)
+  seed = _hash32(words[0] ^ _hash32(words[-1] ^ jnp.uint32(salt)))
+  index = jnp.arange(x.size, dtype=jnp.uint32).reshape(x.shape)
+  dither = _hash32(index ^ seed) >> 16
+  bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+  kept = (bits + dither) & jnp.uint32(0xFFFF0000)
+  return jax.lax.bitcast_convert_type(kept, jnp.float32).astype(jnp.bfloat16)
 
 
 def rank_one_noise(key: jax.Array, shape: tuple[int, ...], dtype) -> jax.Array:

@@ -138,12 +138,13 @@ def plan_layouts(params, scanned_layers: MaskOrFn = None, *, max_size_triangular
   return jax.tree.map(lambda p, s: plan(tuple(p.shape), s), params, mask)
 
 
-def layout_table(params, precond_dtype=jnp.float32, **layout_kwargs) -> str:
-  """Printable table of every parameter's factors and their bytes (see `plan_layouts`)."""
+def layout_table(params, precond_dtype=None, **layout_kwargs) -> str:
+  """Printable table of every parameter's factors and their bytes (see `plan_layouts`;
+  precond_dtype as for `scale_by_kron`, None meaning float32)."""
   layouts = plan_layouts(params, **layout_kwargs)
   paths, leaves = zip(*jax.tree_util.tree_flatten_with_path(layouts, is_leaf=_is_layout)[0])
   return layout_lib.format_table([jax.tree_util.keystr(p) for p in paths], list(leaves),
-                                 jnp.dtype(precond_dtype).itemsize)
+                                 jnp.dtype(precond_dtype or jnp.float32).itemsize)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,6 +238,22 @@ def _stored(s: KronSettings, factors):
   return jax.tree.map(lambda f: f.astype(s.precond_dtype), factors)
 
 
+def _stored_refitted(s: KronSettings, layouts, factors, keys):
+  """Refitted factors in their storage dtype: rounded to bfloat16 stochastically
+  (`fitting.round_stochastically`) from float32, with each block's own key, so a
+  stacked parameter rounds as its layers given separately would."""
+  if s.precond_dtype != jnp.bfloat16:
+    return _stored(s, factors)
+
+  def one(lay, fs, keys):
+    return tuple(
+        jax.vmap(functools.partial(fitting.round_stochastically, salt=k))(f, keys)
+        if f.dtype == jnp.float32 else f.astype(s.precond_dtype)
+        for k, f in enumerate(fs))
+
+  return _map_params(one, layouts, factors, keys)
+
+
 def _p_factors(s: KronSettings, factors, operand_dtype=None):
   """P's factors of one parameter's batch of blocks."""
   return jax.vmap(lambda *f: fitting.preconditioner_factors(s.mode, f, operand_dtype))(
@@ -244,10 +261,12 @@ def _p_factors(s: KronSettings, factors, operand_dtype=None):
 
 
 def _cached(s: KronSettings, layouts, factors):
-  """P's factors of every parameter in storage dtype if cached, else empty tuples."""
+  """P's factors of every parameter in storage dtype if cached, else empty tuples. Pass
+  the stored factors, so that the cache holds P of the Q a restart would read."""
   if not s.cache:
     return _map_params(lambda lay: (), layouts)
-  return _stored(s, _map_params(lambda lay, fs: _p_factors(s, fs), layouts, factors))
+  return _stored(s, _map_params(lambda lay, fs: _p_factors(
+      s, tuple(f.astype(_compute_dtype(f.dtype)) for f in fs)), layouts, factors))
 
 
 def _identity_factors(s: KronSettings, lay: layout_lib.Layout):
@@ -293,26 +312,30 @@ def _initial_scale(roots: list[jax.Array], damping) -> tuple[jax.Array, jax.Arra
   return s > 0, scale
 
 
-def _set_initial_scale(s: KronSettings, layouts, grads, factors, precond, initialized):
-  """Scale P from the first nonzero gradients: a pass over all of them, made only while
-  the scale is unset. Returns (factors, precond, initialized)."""
+def _unset_scale(s: KronSettings, layouts, grads, initialized):
+  """(found, scale): while P's scale is unset, the one the gradients give
+  (`_initial_scale`: a pass over all of them); once it is set, (True, 1), so that
+  multiplying by it changes nothing. (True, None) when the scale is an argument."""
   if s.init_scale is not None:
-    return factors, precond, initialized
+    return jnp.array(True), None
 
-  def set_scale(carry):
-    factors, precond = carry
+  def from_gradients(grads):
     roots = _map_params(lambda lay, g: _fourth_moment_roots(layout_lib.to_blocks(g, lay)),
                         layouts, grads)
     found, scale = _initial_scale(jax.tree.leaves(roots), s.damping)
-    scaled = _map_params(lambda lay, fs: fitting.scale_factors(
-        s.mode, tuple(f.astype(jnp.float32) for f in fs), scale), layouts, factors)
-    scaled = jax.tree.map(lambda new, old: jnp.where(found, new, old.astype(new.dtype)),
-                          scaled, factors)
-    return (_stored(s, scaled), _cached(s, layouts, scaled)), found
+    return found, scale.astype(jnp.float32)  # the other branch's dtype, under x64 too
 
-  (factors, precond), initialized = jax.lax.cond(
-      initialized, lambda carry: (carry, jnp.array(True)), set_scale, (factors, precond))
-  return factors, precond, initialized
+  return jax.lax.cond(initialized, lambda _: (jnp.array(True), jnp.float32(1)),
+                      from_gradients, grads)
+
+
+def _rescaled(s: KronSettings, layouts, factors, scale):
+  """The factors in compute dtype, times `scale` (see `_unset_scale`)."""
+  factors = jax.tree.map(lambda f: f.astype(_compute_dtype(f.dtype)), factors)
+  if scale is None:
+    return factors
+  return _map_params(lambda lay, fs: fitting.scale_factors(s.mode, fs, scale), layouts,
+                     factors)
 
 
 def _noise_eps(s: KronSettings, grad_dtype) -> float:
@@ -354,11 +377,11 @@ def _refit(s: KronSettings, layouts, targets, grad_eps, keys, balance_key, lr, c
   new_factors = _map_params(lambda lay, out: out[0], layouts, fitted)
   new_lipschitz = _map_params(lambda lay, out, old: out[1].astype(old.dtype), layouts,
                               fitted, lipschitz)
-  new_factors = jax.lax.cond(
-      jax.random.uniform(balance_key) < BALANCE_PROBABILITY,
-      lambda fs: _map_params(lambda lay, f: jax.vmap(fitting.balance)(f), layouts, fs),
-      lambda fs: fs, new_factors)
-  return _stored(s, new_factors), new_lipschitz, _cached(s, layouts, new_factors)
+  rebalance = jax.random.uniform(balance_key) < BALANCE_PROBABILITY
+  new_factors = _map_params(lambda lay, f: jax.vmap(fitting.balance, (0, None))(f, rebalance),
+                            layouts, new_factors)
+  new_factors = _stored_refitted(s, layouts, new_factors, keys)
+  return new_factors, new_lipschitz, _cached(s, layouts, new_factors)
 
 
 def _precondition(s: KronSettings, layouts, factors, precond, mu, like):
@@ -476,11 +499,16 @@ def scale_by_kron(
     max_update_rms: each block of the output is scaled down to at most this RMS.
     mu_dtype: storage dtype of the momentum (None: the gradient's).
     precond_dtype: storage dtype of the factors (None: float32). Arithmetic is
-      float32 (float64 for float64 gradients) whatever the storage.
+      float32 (float64 for float64 gradients) whatever the storage. With bfloat16
+      (half the memory) refitted factors are rounded stochastically (unbiased), so
+      refits smaller than its resolution still add up.
     precond_update_precision: matmul precision of the fit, as for
       `jax.default_matmul_precision`; 'bfloat16' also casts the operands to bfloat16
       (float32 accumulation) on every backend, as TPUs do by default.
     precond_grads_precision: the same for forming and applying P.
+      bfloat16 factors and operands are faster and smaller, but a P fitted to
+      rank-deficient gradients is so ill-conditioned that their rounding can swamp
+      the update (docs/psgd_library.md), so the defaults are float32.
     scanned_layers: a tree of bools shaped like the params (or a callable of the
       params returning one) marking params whose leading axis stacks layers: each
       layer then gets factors and random draws of its own.
@@ -569,16 +597,32 @@ def scale_by_kron(
     factors = _per_param(layouts, state.factors)
     precond = (_per_param(layouts, state.precond) if s.cache else
                _map_params(lambda lay: (), layouts))
-    factors, precond, initialized = _set_initial_scale(s, layouts, grads, factors, precond,
-                                                       state.initialized)
-    refit = _refit_decision(s, state.count, k_decide) & initialized
-    fit_on = grads if s.whiten_grad else mu
-    grad_eps = jax.tree.map(lambda g: _noise_eps(s, g.dtype), updates)
-    fit_lr = _scheduled(s.preconditioner_lr, state.num_updates)
-    factors, lipschitz, precond = jax.lax.cond(
-        refit, functools.partial(_refit, s, layouts, fit_on, grad_eps,
-                                 _block_keys(k_fit, layouts), k_balance, fit_lr),
-        lambda carry: carry, (factors, state.lipschitz, precond))
+    chosen = _refit_decision(s, state.count, k_decide)
+    found, scale = _unset_scale(s, layouts, grads, state.initialized)
+    initialized = state.initialized | found
+    refit_now = chosen & initialized
+    fit = functools.partial(
+        _refit, s, layouts, grads if s.whiten_grad else mu,
+        jax.tree.map(lambda g: _noise_eps(s, g.dtype), updates),
+        _block_keys(k_fit, layouts), k_balance,
+        _scheduled(s.preconditioner_lr, state.num_updates))
+
+    def refit(carry):
+      factors, lipschitz, precond = carry
+      if s.cache:  # P = Q^T Q: scaling Q by c scales P by c^2
+        precond = _rescaled(s, layouts, precond, None if scale is None else scale**2)
+      return fit((_rescaled(s, layouts, factors, scale), lipschitz, precond))
+
+    def rescale(carry):  # the first nonzero gradients set P's scale, without a refit
+      factors, lipschitz, _ = carry
+      factors = _stored(s, _rescaled(s, layouts, factors, scale))
+      return factors, lipschitz, _cached(s, layouts, factors)
+
+    # One conditional for everything that changes the factors (each conditional they
+    # pass through unchanged costs a copy of them), with the refit in one branch only.
+    branch = jnp.where(refit_now, 1, jnp.where(initialized & ~state.initialized, 2, 0))
+    factors, lipschitz, precond = jax.lax.switch(
+        branch, [lambda carry: carry, refit, rescale], (factors, state.lipschitz, precond))
     new_updates = _precondition(s, layouts, factors, precond, mu, updates)
     return new_updates, KronState(
         count=optax.safe_int32_increment(state.count),
@@ -589,7 +633,7 @@ def scale_by_kron(
         precond=_slots(layouts, precond) if s.cache else None,
         lipschitz=lipschitz,
         initialized=initialized,
-        num_updates=state.num_updates + refit.astype(jnp.int32),
+        num_updates=state.num_updates + refit_now.astype(jnp.int32),
     )
 
   return optax.GradientTransformation(init_fn, update_fn)
