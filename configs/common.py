@@ -97,6 +97,11 @@ def base_config() -> ml_collections.ConfigDict:
           # Rank >= 3 params (attention's (embed, heads, head_dim)): one matrix with two
           # factors (True), or a factor per dim (False, psgd_torch's layout).
           merge_dims=True,
+          # Shard-local blocks: cut each parameter into the shards its devices hold, each
+          # with factors of its own, so the preconditioner moves no gradient or momentum
+          # between devices (P block-diagonal over the shards; the factors' shapes then
+          # depend on the mesh, so a run resumes only on the same mesh).
+          shard_local=False,
           lr_style="adam",  # scale the update to Adam's RMS, so AdamW's lr carries over
           mu_dtype=placeholder(str),  # momentum storage dtype; None: the gradient's
           precond_dtype=placeholder(str),  # factor storage dtype; None: float32

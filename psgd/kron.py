@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import inspect
 import itertools
+import math
 from typing import Any, Callable, Literal, NamedTuple, Optional, Union
 
 import jax
@@ -62,23 +63,52 @@ class KronState(NamedTuple):
 # ------------------------------------------------------------------- arguments
 
 
+def _like_params(value, params, name: str, what: str) -> list:
+  """One entry of `value` per parameter (in the params' leaf order), from a tree shaped
+  like params (or a prefix of it), or a callable of params returning one."""
+  if callable(value):
+    value = value(params)
+  try:
+    subtrees = jax.tree.structure(value).flatten_up_to(params)
+  except (ValueError, TypeError) as error:
+    raise ValueError(
+        f"{name} does not match the params tree: give {what} per parameter in a tree of "
+        f"the params' structure (params: {jax.tree.structure(params)}, {name}: "
+        f"{jax.tree.structure(value)}), or a callable of params returning that.") from error
+  return [v for v, sub in zip(jax.tree.leaves(value), subtrees) for _ in jax.tree.leaves(sub)]
+
+
 def mask_like(mask, params, name: str):
   """A bool per parameter, in the params' structure, from a mask given as a tree of
   bools shaped like params (or a prefix of it), or a callable of params returning one."""
   if mask is None:
     return jax.tree.map(lambda _: False, params)
-  if callable(mask):
-    mask = mask(params)
-  try:
-    subtrees = jax.tree.structure(mask).flatten_up_to(params)
-  except (ValueError, TypeError) as error:
-    raise ValueError(
-        f"{name} does not match the params tree: give one bool per parameter in a tree of "
-        f"the params' structure (params: {jax.tree.structure(params)}, {name}: "
-        f"{jax.tree.structure(mask)}), or a callable of params returning that.") from error
-  flags = [bool(m) for m, sub in zip(jax.tree.leaves(mask), subtrees)
-           for _ in jax.tree.leaves(sub)]
+  flags = [bool(m) for m in _like_params(mask, params, name, "one bool")]
   return jax.tree.unflatten(jax.tree.structure(params), flags)
+
+
+def axis_names(entry) -> tuple[str, ...]:
+  """Mesh axis names of one PartitionSpec entry (None, a name or a tuple of names)."""
+  if entry is None:
+    return ()
+  return tuple(entry) if isinstance(entry, (tuple, list)) else (entry,)
+
+
+def _shard_counts(param_sharding, params) -> list[tuple[int, ...]]:
+  """Per parameter (in leaf order), the number of shards along each of its dims, from a
+  tree of `NamedSharding`s shaped like params (or a callable of params returning one);
+  all ones when param_sharding is None."""
+  def counts(sharding, p):
+    ndim = len(p.shape)
+    if sharding is None:
+      return (1,) * ndim
+    spec = tuple(sharding.spec) + (None,) * (ndim - len(sharding.spec))
+    return tuple(math.prod(sharding.mesh.shape[a] for a in axis_names(e)) for e in spec)
+
+  leaves = jax.tree.leaves(params)
+  shardings = ([None] * len(leaves) if param_sharding is None else
+               _like_params(param_sharding, params, "param_sharding", "one NamedSharding"))
+  return [counts(s, p) for s, p in zip(shardings, leaves)]
 
 
 def _check_floating(params):
@@ -128,14 +158,17 @@ def _check_args(args: dict):
 def plan_layouts(params, scanned_layers: MaskOrFn = None, *, max_size_triangular: int = 8192,
                  max_skew_triangular: float = 1.0, min_ndim_triangular: int = 2,
                  memory_save_mode: Optional[str] = None, block_size: Optional[int] = None,
-                 merge_dims: bool = True):
+                 merge_dims: bool = True, param_sharding: MaskOrFn = None):
   """A tree of `Layout`s (one per parameter) for params under these settings."""
   mask = mask_like(scanned_layers, params, "scanned_layers")
   plan = functools.partial(layout_lib.plan_layout, max_size=max_size_triangular,
                            max_skew=max_skew_triangular, min_ndim=min_ndim_triangular,
                            memory_save_mode=memory_save_mode, block_size=block_size,
                            merge_dims=merge_dims)
-  return jax.tree.map(lambda p, s: plan(tuple(p.shape), s), params, mask)
+  counts = _shard_counts(param_sharding, params)
+  return jax.tree.unflatten(jax.tree.structure(params), [
+      plan(tuple(p.shape), s, shards=c[1:] if s else c)
+      for p, s, c in zip(jax.tree.leaves(params), jax.tree.leaves(mask), counts)])
 
 
 def layout_table(params, precond_dtype=None, **layout_kwargs) -> str:
@@ -220,9 +253,13 @@ def _block_keys(key: jax.Array, layouts):
   draws what the same layers given as separate parameters would."""
   leaves, treedef = jax.tree.flatten(layouts, is_leaf=_is_layout)
   starts = itertools.accumulate((lay.batch for lay in leaves), initial=0)
-  return treedef.unflatten([
-      jax.vmap(jax.random.fold_in, (None, 0))(key, start + jnp.arange(lay.batch))
-      for lay, start in zip(leaves, starts)])
+
+  def numbers(lay, start):  # the batch is ordered (shards, layers, blocks)
+    per_layer = jnp.arange(lay.batch).reshape(lay.layers, math.prod(lay.shards), -1)
+    return start + per_layer.transpose(1, 0, 2).reshape(-1)
+
+  return treedef.unflatten([jax.vmap(jax.random.fold_in, (None, 0))(key, numbers(lay, start))
+                            for lay, start in zip(leaves, starts)])
 
 
 def _map_blocks(s: KronSettings, lay: layout_lib.Layout, fn, *args):
@@ -417,6 +454,7 @@ def scale_by_kron(
     memory_save_mode: layout_lib.MemorySaveMode = None,
     block_size: Optional[int] = None,
     merge_dims: bool = True,
+    param_sharding: MaskOrFn = None,
     preconditioner_lr: ScalarOrSchedule = 0.7,
     preconditioner_init_scale: Optional[float] = None,
     preconditioner_mode: fitting.Mode = "Q0.5EQ1.5",
@@ -472,6 +510,14 @@ def scale_by_kron(
     merge_dims: see a tensor of rank 3 or more as its most square matrix, with two
       factors (True, quad-torch's layout), or keep its dims with a factor each
       (False, psgd_torch's layout). Rank 2 and below are the same either way.
+    param_sharding: the params' shardings, a tree of `jax.sharding.NamedSharding`
+      shaped like them (or a callable of the params returning one), for shard-local
+      preconditioning: each parameter is cut into the shards its devices hold, each
+      with factors of its own, so every device fits and applies the factors of its own
+      shard and the preconditioner moves no gradient or momentum between devices.
+      P is then block-diagonal over the shards, with the factor kinds (dense or
+      diagonal) the whole parameter would get. Place the state with
+      `psgd.state_partition_specs(..., shard_local=True)`. None: whole parameters.
     preconditioner_lr: step size of the factor fit (relative to the Lipschitz bound),
       or a schedule of the number of refits done (`precond_lr_schedule`). 0.7
       (quad-torch's default; psgd_torch and psgdax use 0.1) fits P in tens of refits
@@ -559,7 +605,7 @@ def scale_by_kron(
                           max_skew_triangular=max_skew_triangular,
                           min_ndim_triangular=min_ndim_triangular,
                           memory_save_mode=memory_save_mode, block_size=block_size,
-                          merge_dims=merge_dims),
+                          merge_dims=merge_dims, param_sharding=param_sharding),
       scanned_layers=scanned_layers, mode=preconditioner_mode,
       preconditioner_lr=preconditioner_lr, init_scale=preconditioner_init_scale,
       cache=cache_preconditioner and preconditioner_mode not in fitting.STORES_P,
@@ -664,6 +710,7 @@ def kron(
     memory_save_mode: layout_lib.MemorySaveMode = None,
     block_size: Optional[int] = None,
     merge_dims: bool = True,
+    param_sharding: MaskOrFn = None,
     preconditioner_lr: ScalarOrSchedule = 0.7,
     preconditioner_init_scale: Optional[float] = None,
     preconditioner_mode: fitting.Mode = "Q0.5EQ1.5",
@@ -703,6 +750,7 @@ def kron(
     memory_save_mode: see `scale_by_kron`.
     block_size: see `scale_by_kron`.
     merge_dims: see `scale_by_kron`.
+    param_sharding: see `scale_by_kron`.
     preconditioner_lr: see `scale_by_kron`.
     preconditioner_init_scale: see `scale_by_kron`.
     preconditioner_mode: see `scale_by_kron`.
@@ -767,7 +815,8 @@ def kron(
       b1=b1, preconditioner_update_probability=preconditioner_update_probability,
       max_size_triangular=max_size_triangular, max_skew_triangular=max_skew_triangular,
       min_ndim_triangular=min_ndim_triangular, memory_save_mode=memory_save_mode,
-      block_size=block_size, merge_dims=merge_dims, preconditioner_lr=preconditioner_lr,
+      block_size=block_size, merge_dims=merge_dims, param_sharding=param_sharding,
+      preconditioner_lr=preconditioner_lr,
       preconditioner_init_scale=preconditioner_init_scale,
       preconditioner_mode=preconditioner_mode,
       cache_preconditioner=cache_preconditioner, whiten_grad=whiten_grad, lr_style=lr_style,

@@ -3,6 +3,10 @@
 Every parameter becomes an array of shape (batch, *block_shape):
   * a leading layer axis of a scanned parameter becomes the batch axis, so each
     layer gets its own preconditioner;
+  * optionally (shard-local blocks) each dim is cut into the shards the devices hold,
+    so that each device fits and applies the factors of its own shard: the batch axis
+    is then ordered (shards, layers, blocks), which keeps it shardable over the
+    params' mesh axes (shards major, then layers);
   * by default the remaining dims are merged into the most square (rows, cols)
     split, with no padding, as in quad-torch (a scalar is (1, 1), a vector (1, n));
     with merge_dims=False a tensor of rank 3 or more keeps its dims, one factor each,
@@ -30,13 +34,23 @@ class Layout:
   param_shape: tuple[int, ...]
   scanned: bool
   layers: int  # size of the scanned axis (1 when not scanned)
-  dims: tuple[int, ...]  # the tensor each layer is seen as, before blocking
+  shards: tuple[int, ...]  # shard-local blocks along each dim of a layer (1: whole)
+  dims: tuple[int, ...]  # the tensor each layer's shard is seen as, before blocking
   blocks: tuple[int, ...]  # number of equal blocks along each of `dims`
   dense: tuple[bool, ...]  # factor kind of each block dim
 
   @property
   def batch(self) -> int:
-    return self.layers * math.prod(self.blocks)
+    return math.prod(self.shards) * self.layers * math.prod(self.blocks)
+
+  @property
+  def layer_shape(self) -> tuple[int, ...]:
+    return self.param_shape[1:] if self.scanned else self.param_shape
+
+  @property
+  def shard_shape(self) -> tuple[int, ...]:
+    """Shape of one layer's shard (the whole layer without shard-local blocks)."""
+    return tuple(d // s for d, s in zip(self.layer_shape, self.shards))
 
   @property
   def block_shape(self) -> tuple[int, ...]:
@@ -67,17 +81,18 @@ class Layout:
     return sum(math.prod(s) for s in self.factor_shapes())
 
 
-def most_square_split(shape: tuple[int, ...]) -> tuple[int, int]:
-  """(rows, cols) with rows = prod(shape[:i]) for the i making them most equal."""
-  if len(shape) == 0:
-    return 1, 1
-  if len(shape) == 1:
-    return 1, shape[0]
+def _groups(shape: tuple[int, ...], merge: bool) -> tuple[tuple[int, ...], ...]:
+  """The dims of `shape` each factor covers: with `merge`, the two groups making the
+  most square (rows, cols) split (a vector: rows (), a scalar: both ()); else one dim
+  each."""
+  if not merge and len(shape) >= 3:
+    return tuple((i,) for i in range(len(shape)))
+  if len(shape) < 2:
+    return ((), tuple(range(len(shape))))
   total = math.prod(shape)
   best = max(range(1, len(shape)),
              key=lambda i: min(math.prod(shape[:i]), total // math.prod(shape[:i])))
-  rows = math.prod(shape[:best])
-  return rows, total // rows
+  return tuple(range(best)), tuple(range(best, len(shape)))
 
 
 def num_blocks(size: int, block_size: Optional[int]) -> int:
@@ -89,61 +104,93 @@ def num_blocks(size: int, block_size: Optional[int]) -> int:
 
 def plan_layout(shape: tuple[int, ...], scanned: bool, *, max_size: int, max_skew: float,
                 min_ndim: int, memory_save_mode: Optional[str], block_size: Optional[int],
-                merge_dims: bool = True) -> Layout:
-  """Layout for one parameter of the given shape."""
+                merge_dims: bool = True, shards: Optional[tuple[int, ...]] = None) -> Layout:
+  """Layout for one parameter of the given shape; `shards`: the number of shard-local
+  blocks along each dim of a layer (None: one)."""
   if scanned and len(shape) == 0:
     raise ValueError("scanned_layers marks a scalar parameter; a scanned parameter needs a "
                      "leading layer axis.")
   layers = shape[0] if scanned else 1
   inner = tuple(shape[1:] if scanned else shape)
-  dims = most_square_split(inner) if merge_dims or len(inner) < 3 else inner
+  shards = tuple(shards) if shards is not None else (1,) * len(inner)
+  if len(shards) != len(inner) or any(s < 1 or d % s for d, s in zip(inner, shards)):
+    raise ValueError(f"shards {shards} do not cut a parameter of shape {shape} (layers "
+                     f"{'scanned' if scanned else 'not scanned'}) into equal blocks.")
+  # The factors' dims come from the whole layer, so that shard-local blocks change only
+  # which entries P couples, not which factors are dense.
+  groups = _groups(inner, merge_dims)
+  dims = tuple(math.prod(inner[i] // shards[i] for i in g) for g in groups)
   blocks = tuple(num_blocks(d, block_size) for d in dims)
   sizes = [d // b for d, b in zip(dims, blocks)]
-  numel = math.prod(sizes)
-  dense = [d > 1 and d <= max_size and d * d <= max_skew * numel and len(inner) >= min_ndim
-           for d in sizes]
+  unsharded = [size * math.prod(shards[i] for i in g) for size, g in zip(sizes, groups)]
+  numel = math.prod(unsharded)
+  dense = [d > 1 and d <= max_size and w * w <= max_skew * numel and len(inner) >= min_ndim
+           for d, w in zip(sizes, unsharded)]
   if memory_save_mode == "all_diag":
     dense = [False] * len(sizes)
   elif memory_save_mode == "one_diag":
-    dense[max(range(len(sizes)), key=lambda i: (sizes[i], i))] = False
-  return Layout(tuple(shape), scanned, layers, tuple(dims), blocks, tuple(dense))
+    dense[max(range(len(sizes)), key=lambda i: (unsharded[i], i))] = False
+  return Layout(tuple(shape), scanned, layers, shards, tuple(dims), blocks, tuple(dense))
 
 
-def _block_axes(layout: Layout) -> tuple[int, ...]:
-  """Permutation of (layers, blocks_0, size_0, blocks_1, size_1, ...) that puts the
-  layer and block axes first."""
-  n = layout.num_factors
-  return (0, *(1 + 2 * i for i in range(n)), *(2 + 2 * i for i in range(n)))
+def _cut(x: jnp.ndarray, lead: int, counts: tuple[int, ...], sizes: tuple[int, ...],
+         after_lead: bool) -> jnp.ndarray:
+  """(lead, *[c * s]) -> (batch, *sizes): cut dim i into counts[i] blocks of sizes[i]
+  and fold the block axes into the leading one, after it (batch = (lead, blocks)) or
+  before it (batch = (blocks, lead))."""
+  split = [lead]
+  for c, s in zip(counts, sizes):
+    split += [c, s]
+  n = len(counts)
+  block_axes = tuple(1 + 2 * i for i in range(n))
+  order = (0, *block_axes) if after_lead else (*block_axes, 0)
+  return x.reshape(split).transpose(*order, *(2 + 2 * i for i in range(n))).reshape(
+      -1, *sizes)
+
+
+def _uncut(x: jnp.ndarray, lead: int, counts: tuple[int, ...], sizes: tuple[int, ...],
+           after_lead: bool) -> jnp.ndarray:
+  """Inverse of `_cut`."""
+  n = len(counts)
+  x = x.reshape(*((lead, *counts) if after_lead else (*counts, lead)), *sizes)
+  lead_axis = 0 if after_lead else n
+  count_axis = lambda i: 1 + i if after_lead else i
+  order = [lead_axis] + [a for i in range(n) for a in (count_axis(i), n + 1 + i)]
+  return x.transpose(order).reshape(lead, *(c * s for c, s in zip(counts, sizes)))
 
 
 def to_blocks(x: jnp.ndarray, layout: Layout) -> jnp.ndarray:
-  """Parameter-shaped array -> (batch, *block_shape)."""
-  split = [layout.layers]
-  for b, s in zip(layout.blocks, layout.block_shape):
-    split += [b, s]
-  return x.reshape(split).transpose(_block_axes(layout)).reshape(
-      layout.batch, *layout.block_shape)
+  """Parameter-shaped array -> (batch, *block_shape), batch ordered (shards, layers,
+  blocks)."""
+  shards = math.prod(layout.shards)
+  x = _cut(x.reshape(layout.layers, *layout.layer_shape), layout.layers, layout.shards,
+           layout.shard_shape, after_lead=False)
+  x = x.reshape(shards * layout.layers, *layout.dims)
+  return _cut(x, shards * layout.layers, layout.blocks, layout.block_shape, after_lead=True)
 
 
 def from_blocks(m: jnp.ndarray, layout: Layout) -> jnp.ndarray:
   """Inverse of `to_blocks`."""
-  m = m.reshape(layout.layers, *layout.blocks, *layout.block_shape)
-  axes = _block_axes(layout)
-  inverse = sorted(range(len(axes)), key=axes.__getitem__)
-  return m.transpose(inverse).reshape(layout.param_shape)
+  lead = math.prod(layout.shards) * layout.layers
+  x = _uncut(m, lead, layout.blocks, layout.block_shape, after_lead=True)
+  x = _uncut(x.reshape(lead, *layout.shard_shape), layout.layers, layout.shards,
+             layout.shard_shape, after_lead=False)
+  return x.reshape(layout.param_shape)
 
 
 def format_table(paths: list[str], layouts: list[Layout], factor_bytes: int) -> str:
-  """A printable table: path, shape, factor kinds and sizes, state bytes."""
-  header = ("parameter", "shape", "batch", "factors", "factor bytes")
+  """A printable table: path, shape, shard-local blocks per dim, batch, factor kinds
+  and sizes, state bytes."""
+  header = ("parameter", "shape", "shards", "batch", "factors", "factor bytes")
   rows = []
   for path, lay in zip(paths, layouts):
     kinds = " x ".join(f"{'dense' if dense else 'diag'}({d})"
                        for d, dense in zip(lay.block_shape, lay.dense))
-    rows.append((path, str(lay.param_shape), str(lay.batch), kinds,
+    shards = "x".join(map(str, lay.shards)) if math.prod(lay.shards) > 1 else "-"
+    rows.append((path, str(lay.param_shape), shards, str(lay.batch), kinds,
                  f"{lay.factor_numel() * factor_bytes:,}"))
   total = sum(lay.factor_numel() for lay in layouts) * factor_bytes
-  rows.append(("total", "", "", "", f"{total:,}"))
+  rows.append(("total", "", "", "", "", f"{total:,}"))
   widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
   lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in [header, *rows]]
   lines.insert(1, "  ".join("-" * w for w in widths))

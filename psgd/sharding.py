@@ -3,10 +3,14 @@
 The rule (each state leaf of a parameter with spec `ps`):
   * momentum: `ps`, like its parameter;
   * factors (one params-shaped tree per factor slot), each (batch, d, d) or (batch, d):
-    the batch axis takes the spec of the parameter's layer axis when `scanned_layers`
-    marks it and the batch is that axis (no blocks), else None; the first d axis is
-    spread over the remaining mesh axes, largest first, taking each axis whose size
-    still divides d, so that no device holds every factor;
+    the batch axis, ordered (shards, layers, blocks) (see `psgd.layout`), takes the
+    mesh axes of the parameter's sharded dims when the optimizer was given
+    `param_sharding` (shard-local blocks), then those of its layer axis when
+    `scanned_layers` marks it. With shard-local blocks that is all: each device holds
+    the factors of its own shards and no more, as it holds its shards of the momentum.
+    Otherwise the first d axis is also spread over the remaining mesh axes, largest
+    first, taking each axis whose size still divides d, so that no device holds
+    every factor;
   * cached P factors (cache_preconditioner): as the factors;
   * Lipschitz memory (batch, number of factors): the batch axis as above;
   * step count, key and flags: replicated.
@@ -14,18 +18,18 @@ Any other leaf of an optax chain around `scale_by_kron` (e.g. a schedule's count
 scalar and replicated.
 """
 
+import math
 from typing import Any
 
 import jax
 from jax.sharding import PartitionSpec as P
 
-from psgd.kron import KronState, mask_like
+from psgd.kron import KronState, axis_names, mask_like
 
 
-def _axis_names(entry) -> tuple[str, ...]:
-  if entry is None:
-    return ()
-  return tuple(entry) if isinstance(entry, (tuple, list)) else (entry,)
+def _entry(axes: tuple[str, ...]):
+  """A PartitionSpec entry naming these mesh axes."""
+  return None if not axes else axes[0] if len(axes) == 1 else tuple(axes)
 
 
 def _spread(d: int, mesh_shape: dict[str, int], taken: tuple[str, ...]):
@@ -35,54 +39,70 @@ def _spread(d: int, mesh_shape: dict[str, int], taken: tuple[str, ...]):
     if name not in taken and size > 1 and d % (product * size) == 0:
       chosen.append(name)
       product *= size
-  if not chosen:
-    return None
-  return chosen[0] if len(chosen) == 1 else tuple(chosen)
+  return _entry(tuple(chosen))
 
 
-def _batch_spec(param, spec: P, scanned: bool, lipschitz) -> P:
-  """P(entry) for the factors' batch axis: the entry of the param's layer axis if it is
-  scanned and the batch is that axis (no blocks), else None. (A PartitionSpec is a
-  pytree leaf, a bare entry such as None or a tuple of axis names would not be.)"""
-  layer_batch = scanned and len(spec) > 0 and lipschitz.shape[0] == param.shape[0]
-  return P(spec[0] if layer_batch else None)
+def _batch_axes(path, param, spec: P, scanned: bool, lipschitz, mesh_shape,
+                shard_local: bool) -> tuple[str, ...]:
+  """Mesh axes of the factors' batch axis: the shard axes (shard-local blocks), then
+  the layer axis's; ValueError when the state's batch cannot hold them."""
+  spec = tuple(spec) + (None,) * (len(param.shape) - len(spec))
+  layer_axes = axis_names(spec[0]) if scanned else ()
+  shard_axes = tuple(a for e in spec[1 if scanned else 0:] for a in axis_names(e))
+  axes = (shard_axes if shard_local else ()) + layer_axes
+  parts = math.prod(mesh_shape[a] for a in axes)
+  if lipschitz.shape[0] % parts:
+    raise ValueError(
+        f"The Kron state of parameter {jax.tree_util.keystr(path)} has {lipschitz.shape[0]} "
+        f"blocks, which cannot be placed over mesh axes {axes} ({parts} devices): pass "
+        "shard_local=True exactly when the optimizer was given param_sharding, and the "
+        "same scanned_layers.")
+  return axes
 
 
-def kron_state_specs(state: KronState, params, param_specs, mesh,
-                     scanned_layers=None) -> KronState:
+def kron_state_specs(state: KronState, params, param_specs, mesh, scanned_layers=None,
+                     shard_local: bool = False) -> KronState:
   """KronState of PartitionSpecs for `state` (arrays or ShapeDtypeStructs)."""
   mesh_shape = dict(mesh.shape)
   scanned = mask_like(scanned_layers, params, "scanned_layers")
-  batch_specs = jax.tree.map(_batch_spec, params, param_specs, scanned, state.lipschitz)
+  is_spec = lambda x: isinstance(x, P)
+  batch_axes = jax.tree_util.tree_map_with_path(
+      lambda path, p, spec, s, lip: P(_batch_axes(path, p, spec, s, lip, mesh_shape,
+                                                  shard_local)),
+      params, param_specs, scanned, state.lipschitz, is_leaf=is_spec)
 
-  def factor_spec(batch_spec, factor):
-    spread = _spread(factor.shape[1], mesh_shape, _axis_names(batch_spec[0]))
-    return P(batch_spec[0], spread, *([None] * (factor.ndim - 2)))
+  def factor_spec(batch, factor):
+    taken = axis_names(batch[0])
+    spread = None if shard_local else _spread(factor.shape[1], mesh_shape, taken)
+    return P(_entry(taken), spread, *([None] * (factor.ndim - 2)))
 
   def slot_specs(slots):
-    return tuple(jax.tree.map(factor_spec, batch_specs, slot) for slot in slots)
+    return tuple(jax.tree.map(factor_spec, batch_axes, slot, is_leaf=is_spec)
+                 for slot in slots)
 
-  factor_specs = slot_specs(state.factors)
   return KronState(
       count=P(), key=P(),
       mu=None if state.mu is None else param_specs,
-      factors=factor_specs,
+      factors=slot_specs(state.factors),
       precond=None if state.precond is None else slot_specs(state.precond),
-      lipschitz=jax.tree.map(lambda b, _: P(b[0], None), batch_specs, state.lipschitz),
+      lipschitz=jax.tree.map(lambda b, _: P(_entry(axis_names(b[0])), None), batch_axes,
+                             state.lipschitz, is_leaf=is_spec),
       initialized=P(), num_updates=P())
 
 
-def state_partition_specs(opt_state: Any, params, param_specs, mesh,
-                          scanned_layers=None) -> Any:
+def state_partition_specs(opt_state: Any, params, param_specs, mesh, scanned_layers=None,
+                          shard_local: bool = False) -> Any:
   """PartitionSpecs for an optimizer state holding `KronState`s (e.g. `psgd.kron`'s).
 
   `opt_state` may be abstract (`jax.eval_shape(tx.init, params)`); `param_specs` is a
   tree of PartitionSpecs matching `params`; `mesh` gives the axis sizes;
   `scanned_layers` is the mask the optimizer was given (its factors of a scanned param
-  are then placed along the layer axis like the param; without it, nowhere).
+  are then placed along the layer axis like the param; without it, nowhere);
+  `shard_local=True` when the optimizer was given `param_sharding` with these specs
+  (each device then holds the factors of its own shards).
   """
   is_kron = lambda x: isinstance(x, KronState)
   return jax.tree.map(
-      lambda s: (kron_state_specs(s, params, param_specs, mesh, scanned_layers)
+      lambda s: (kron_state_specs(s, params, param_specs, mesh, scanned_layers, shard_local)
                  if is_kron(s) else P()),
       opt_state, is_leaf=is_kron)

@@ -78,6 +78,29 @@ def test_per_dim_layout_keeps_a_tensors_dims_and_round_trips_blocks():
                                 merge_dims=False).dims == (5, 3)
 
 
+def test_shard_local_blocks_are_each_devices_shard_in_shards_layers_blocks_order():
+  # (2 layers, 8, 12) cut 2 x 3 ways as its devices would hold it, then into 2 x 2 blocks.
+  lay = layout_lib.plan_layout((2, 8, 12), True, max_size=8192, max_skew=float("inf"),
+                               min_ndim=2, memory_save_mode=None, block_size=2,
+                               shards=(2, 3))
+  assert lay.shard_shape == (4, 4) and lay.block_shape == (2, 2) and lay.batch == 6 * 2 * 4
+  x = jnp.arange(2 * 8 * 12.0).reshape(2, 8, 12)
+  blocks = layout_lib.to_blocks(x, lay).reshape(2, 3, 2, 2, 2, 2, 2)  # s0 s1 layer b0 b1
+  np.testing.assert_array_equal(blocks[1, 2, 1, 0, 1], x[1, 4:6, 10:12])
+  np.testing.assert_array_equal(blocks[0, 1, 0, 1, 0], x[0, 2:4, 4:6])
+  np.testing.assert_array_equal(layout_lib.from_blocks(layout_lib.to_blocks(x, lay), lay), x)
+  # Factor kinds follow the whole layer: (128, 512) at max_skew 4 is dense x dense, and
+  # so is each of its (32, 256) shards, though a (32, 256) matrix alone would get diag(256).
+  plan = lambda shards: layout_lib.plan_layout(
+      (128, 512), False, max_size=8192, max_skew=4.0, min_ndim=2, memory_save_mode=None,
+      block_size=None, shards=shards)
+  assert plan((4, 2)).dense == plan(None).dense == (True, True)
+  assert plan((4, 2)).block_shape == (32, 256)
+  with pytest.raises(ValueError, match="shards"):
+    layout_lib.plan_layout((8, 12), False, max_size=8192, max_skew=1.0, min_ndim=2,
+                           memory_save_mode=None, block_size=None, shards=(3, 1))
+
+
 def test_layout_table_lists_every_param_and_its_bytes():
   params = {"emb": jnp.zeros((256, 32)), "norm": jnp.zeros((32,))}
   table = psgd.layout_table(params, precond_dtype=jnp.bfloat16)
@@ -88,14 +111,20 @@ def test_layout_table_lists_every_param_and_its_bytes():
 # ---------------------------------------------------------------- scanned layers
 
 
-@pytest.mark.parametrize("lax_map", [False, True], ids=["vmap", "lax_map"])
-def test_scanned_param_updates_like_separate_layers(lax_map):
+@pytest.mark.parametrize("lax_map,shard_local", [(False, False), (True, False), (False, True)],
+                         ids=["vmap", "lax_map", "shard_local"])
+def test_scanned_param_updates_like_separate_layers(lax_map, shard_local):
   layers, key = 3, jax.random.key(0)
   stacked = jax.random.normal(key, (layers, 8, 6))
   kwargs = dict(preconditioner_update_probability=1.0, lax_map_batch_size=2)
+  stacked_sharding = separate_sharding = None
+  if shard_local:  # each layer cut 2 x 2 ways, as by a (2, 2) mesh; only counts matter
+    mesh = jax.make_mesh((2, 2), ("a", "b"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    named = lambda *spec: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
+    stacked_sharding, separate_sharding = {"w": named(None, "a", "b")}, named("a", "b")
   scanned_tx = psgd.kron(0.1, scanned_layers={"w": True}, lax_map_scanned_layers=lax_map,
-                         **kwargs)
-  separate_tx = psgd.kron(0.1, **kwargs)
+                         param_sharding=stacked_sharding, **kwargs)
+  separate_tx = psgd.kron(0.1, param_sharding=separate_sharding, **kwargs)
   grad_fn = lambda w: jax.tree.map(lambda x: jnp.sin(3 * x) + x**2, w)
   w_scanned, _ = run_steps(scanned_tx, {"w": stacked}, grad_fn, 20)
   separate = {f"layer{i}": stacked[i] for i in range(layers)}

@@ -1,6 +1,7 @@
 """PSGD state placed over a mesh of 8 fake CPU devices."""
 
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -109,5 +110,72 @@ def test_per_dim_factors_shard_and_match_one_device():
   sharded = train(jax.device_put(make_params(), shardings[0]),
                   dict(in_shardings=shardings, out_shardings=shardings))
   single = train(make_params(), {})
+  for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(single)):
+    np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
+
+
+def _collective_shapes(hlo_text: str) -> list[tuple[str, str]]:
+  """(kind, result shape) of every collective op in compiled HLO text."""
+  kinds = "all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute"
+  return re.findall(rf"=\s*(.+?)\s+({kinds})(?:-start)?\(", hlo_text)
+
+
+def test_shard_local_blocks_move_no_arrays_and_match_one_device():
+  # A transformer-like tree on a 4 x 2 mesh. With shard-local blocks each device fits and
+  # applies the factors of its own shards: the compiled step's only collectives are
+  # scalar reductions (the initial scale's max), where whole-matrix factors gather
+  # and reduce gradient- and factor-sized arrays.
+  mesh = jax.make_mesh((4, 2), ("fsdp", "tensor"),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  shapes = {"embed": (64, 32), "mlp": (3, 32, 48), "wq": (3, 32, 4, 8),
+            "wo": (3, 4, 8, 32), "norm": (3, 32)}
+  specs = {"embed": P("tensor", "fsdp"), "mlp": P(None, "fsdp", "tensor"),
+           "wq": P(None, "fsdp", "tensor", None), "wo": P(None, "tensor", None, "fsdp"),
+           "norm": P()}
+  scanned = {"embed": False, "mlp": True, "wq": True, "wo": True, "norm": True}
+  named = lambda tree: jax.tree.map(lambda s: NamedSharding(mesh, s), tree,
+                                    is_leaf=lambda x: isinstance(x, P))
+  param_shardings = named(specs)
+  keys = dict(zip(shapes, jax.random.split(jax.random.key(2), len(shapes))))
+  make_params = lambda: {k: jax.random.normal(keys[k], s) for k, s in shapes.items()}
+  grads_fn = lambda p: jax.tree.map(lambda x: jnp.tanh(x) + 0.1 * x**2, p)
+
+  def compiled_step(shard_local):
+    tx = psgd.kron(1e-2, scanned_layers=scanned, preconditioner_update_probability=1.0,
+                   param_sharding=param_shardings if shard_local else None)
+    abstract = jax.eval_shape(tx.init, make_params())
+    state_shardings = named(psgd.state_partition_specs(
+        abstract, make_params(), specs, mesh, scanned, shard_local=shard_local))
+    shardings = (param_shardings, state_shardings)
+    step = jax.jit(lambda p, s: (lambda u, s: (optax.apply_updates(p, u), s))(
+        *tx.update(grads_fn(p), s, p)), in_shardings=shardings, out_shardings=shardings)
+    return tx, state_shardings, step
+
+  tx, state_shardings, step = compiled_step(shard_local=True)
+  mlp_factor = state_shardings[0].factors[0]["mlp"]
+  assert mlp_factor.spec == P(("fsdp", "tensor"), None, None)  # (shards, layers) batch
+  hlo = step.lower(jax.device_put(make_params(), param_shardings),
+                   jax.jit(tx.init, out_shardings=state_shardings)(make_params())
+                   ).compile().as_text()
+  local = _collective_shapes(hlo)
+  scalars = re.compile(r"\(?f32\[\](, f32\[\])*\)?")
+  assert local and all(scalars.fullmatch(shape) for shape, _ in local), local
+  whole_tx, _, whole_step = compiled_step(shard_local=False)
+  whole = _collective_shapes(whole_step.lower(
+      make_params(), jax.eval_shape(whole_tx.init, make_params())).compile().as_text())
+  assert any(kind == "all-gather" and "32,32" in shape for shape, kind in whole)
+
+  # Sharded = one device with the same blocks (the shard counts come from the shardings
+  # alone, so the same tx runs unplaced on one device).
+  def train(p, s, step_fn):
+    for _ in range(5):
+      p, s = step_fn(p, s)
+    return p
+
+  sharded = train(jax.device_put(make_params(), param_shardings),
+                  jax.jit(tx.init, out_shardings=state_shardings)(make_params()), step)
+  single_step = jax.jit(lambda p, s: (lambda u, s: (optax.apply_updates(p, u), s))(
+      *tx.update(grads_fn(p), s, p)))
+  single = train(make_params(), tx.init(make_params()), single_step)
   for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(single)):
     np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)

@@ -30,6 +30,7 @@ CASES = {
     "optimizer.kron.max_skew_triangular": ("optimizer.kron.max_skew_triangular", 2.0, True),
     "optimizer.kron.memory_save_mode": ("optimizer.kron.memory_save_mode", "one_diag", True),
     "optimizer.kron.block_size": ("optimizer.kron.block_size", 64, True),
+    "optimizer.kron.shard_local": ("optimizer.kron.shard_local", True, True),
     "optimizer.kron.cache_preconditioner": ("optimizer.kron.cache_preconditioner", True,
                                             True),
     "optimizer.kron.mu_dtype": ("optimizer.kron.mu_dtype", "bfloat16", True),

@@ -8,6 +8,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import psgd
+from trainer import checkpoint as checkpoint_lib
 from trainer import main as trainer_main
 from trainer_utils import losses_by_step, read_metrics, run_trainer, tiny_config
 
@@ -42,6 +43,27 @@ def test_mesh_of_8_devices_matches_one_device(tmp_path):
           if isinstance(s, psgd.KronState)][0]
   dense = [f for f in jax.tree.leaves(kron.factors) if f.ndim == 3]
   assert dense and all(f.addressable_shards[0].data.size < f.size for f in dense)
+
+
+def test_shard_local_kron_keeps_factors_with_their_shards_and_refuses_another_mesh(tmp_path):
+  config = tiny_config(steps=4, log_every=1, eval_every=0)
+  config.mesh.shape = (2, 2, 2)  # data x fsdp x tensor
+  config.optimizer.kron.shard_local = True
+  state, _ = trainer_main.train(config, str(tmp_path))
+  assert all(np.isfinite(loss) for loss in losses_by_step(tmp_path).values())
+  kron = [s for s in jax.tree.leaves(state.opt_state,
+                                     is_leaf=lambda x: isinstance(x, psgd.KronState))
+          if isinstance(s, psgd.KronState)][0]
+  # up (2 layers, 32, 64) over fsdp x tensor: 2 x 2 shards of (16, 32) per layer, batch
+  # ordered (shards, layers); each device holds its own shard's factors, for both layers.
+  left = kron.factors[0]["blocks"]["layers"]["mlp"]["up"]
+  assert left.shape == (8, 16, 16) and left.sharding.spec == P(("fsdp", "tensor"), None, None)
+  assert left.addressable_shards[0].data.shape == (2, 16, 16)
+  # The factors' shapes follow the mesh, so another mesh cannot take the checkpoint.
+  config.mesh.shape = (1, 8, 1)
+  config.train.steps = 6
+  with pytest.raises(checkpoint_lib.CheckpointMismatchError, match="opt_state"):
+    trainer_main.train(config, str(tmp_path))
 
 
 @pytest.mark.parametrize("override, setting", [

@@ -80,12 +80,14 @@ def learning_rate_schedule(cfg: ml_collections.ConfigDict, total_steps: int,
 
 def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int, *,
                    scanned_layers: Any = None, weight_decay_mask: Any = None,
-                   matrix_axes: Any = None, width_multiplier: int = 1
+                   matrix_axes: Any = None, width_multiplier: int = 1,
+                   param_sharding: Any = None
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """(transformation, schedule): clipping by global norm, then the named optimizer.
 
   `matrix_axes` (Muon only): per parameter, (input axes, output axes) of the matrix it
   is, or None for the parameters Muon leaves to Adam; see models.matrix_axes.
+  `param_sharding` (Kron with kron.shard_local only): the params' NamedShardings.
   """
   check_config(cfg)
   schedule = learning_rate_schedule(cfg, total_steps, width_multiplier)
@@ -95,9 +97,13 @@ def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int, *,
         min_prob=kron_args.pop("update_prob_floor"),
         flat_start=kron_args.pop("update_prob_flat_steps"),
         decay=kron_args.pop("update_prob_decay"))
+    if kron_args.pop("shard_local") and param_sharding is None:
+      raise ValueError("optimizer.kron.shard_local=True needs the params' shardings.")
     tx = psgd.kron(schedule, b1=cfg.b1, weight_decay=cfg.weight_decay,
                    weight_decay_mask=weight_decay_mask, scanned_layers=scanned_layers,
-                   preconditioner_update_probability=update_prob, **kron_args)
+                   preconditioner_update_probability=update_prob,
+                   param_sharding=param_sharding if cfg.kron.shard_local else None,
+                   **kron_args)
   elif cfg.name == "muon":
     tx = muon(schedule, cfg, weight_decay_mask, matrix_axes)
   else:

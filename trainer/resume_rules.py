@@ -32,6 +32,7 @@ RULES = (
     Rule("optimizer.kron.max_skew_triangular", False, "it decides which factors are dense"),
     Rule("optimizer.kron.memory_save_mode", False, "it decides which factors are dense"),
     Rule("optimizer.kron.block_size", False, "it decides how parameters split into blocks"),
+    Rule("optimizer.kron.shard_local", False, "it decides how parameters split into blocks"),
     Rule("optimizer.kron.cache_preconditioner", False, "it decides whether P is stored"),
     Rule("optimizer.kron.mu_dtype", False, "the stored momentum's dtype"),
     Rule("optimizer.kron.precond_dtype", False, "the stored factors' dtype"),

@@ -108,7 +108,7 @@ def _opt_state_specs(config, tx, abstract_params, param_specs, mesh, scanned_lay
   abstract_state = jax.eval_shape(tx.init, abstract_params)
   if config.optimizer.name == "kron":
     return psgd.state_partition_specs(abstract_state, abstract_params, param_specs, mesh,
-                                      scanned_layers)
+                                      scanned_layers, config.optimizer.kron.shard_local)
   return _specs_like_params(abstract_state, abstract_params, param_specs)
 
 
@@ -162,7 +162,9 @@ def build_setup(config, devices=None, check_vocab: bool = True) -> Setup:
       config.optimizer, config.train.steps, scanned_layers=scanned_layers,
       weight_decay_mask=nnx.to_pure_dict(models.weight_decay_mask(abstract_params_state)),
       matrix_axes=nnx.to_pure_dict(models.matrix_axes(abstract_params_state)),
-      width_multiplier=config.model.get("width_multiplier", 1))
+      width_multiplier=config.model.get("width_multiplier", 1),
+      param_sharding=jax.tree.map(lambda s: NamedSharding(mesh, s), param_specs,
+                                  is_leaf=lambda x: isinstance(x, P)))
   opt_specs = _opt_state_specs(config, tx, abstract_params, param_specs, mesh, scanned_layers)
   state_specs = step_lib.TrainState(step=P(), params=param_specs, opt_state=opt_specs,
                                     nonfinite_in_a_row=P())
