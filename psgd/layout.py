@@ -14,7 +14,9 @@ Every parameter becomes an array of shape (batch, *block_shape):
     diagonal factor, as in psgd_torch;
   * optionally a huge dim is cut into equal blocks, each block becoming one more batch
     entry with factors of its own.
-Each dim of a block then gets a dense (d, d) or a diagonal (d,) factor.
+Each dim of a block then gets a dense (d, d) or a diagonal (d,) factor: diagonal when
+the block's dim exceeds max_size or when the layer's dim is too skewed for its size
+(judged without shard-local cuts, so shard-local blocks keep the whole layer's kinds).
 """
 
 import dataclasses
