@@ -297,10 +297,17 @@ class Checkpointer:
                         f"this run {wanted.get(name, 'missing')}")
     if problems:
       shown = problems[:12] + ([f"... and {len(problems) - 12} more"] if len(problems) > 12 else [])
+      hint = "Use another --workdir, or the config the checkpoint was written with."
+      kron = config.get("optimizer", {}).get("kron", {})
+      if kron.get("shard_local") and any(p.startswith("opt_state.") for p in problems):
+        hint = ("optimizer.kron.shard_local=True cuts the PSGD factors by the mesh, so they "
+                "fit only a mesh that cuts the parameters as the checkpoint's did. Resume on "
+                "that mesh, or start another --workdir from this run's parameters with "
+                f"--config.checkpoint.init_from={os.path.dirname(self.directory)} "
+                "--config.checkpoint.init_what=params.")
       raise CheckpointMismatchError(
           f"The checkpoint at {self.directory} (step {step}) does not match this run's "
-          "config:\n  " + "\n  ".join(shown) +
-          "\nUse another --workdir, or the config the checkpoint was written with.")
+          "config:\n  " + "\n  ".join(shown) + "\n" + hint)
 
 
 def _missing_markers(step_dir: epath.Path) -> list[str]:
