@@ -133,6 +133,8 @@ def test_dry_run_compare_prints_both_optimizers_costs_and_ratios(capsys):
   rows = {line.split()[0]: line for line in comparison[2:]}
   assert {"flops", "bytes", "all-reduce", "collectives,", "compile", "optimizer"} <= set(rows)
   assert rows["flops"].rstrip().endswith("x")  # a ratio on every row
+  # The tiny model's layers are scanned: the report says the loop's body counts once.
+  assert "XLA counts a loop's body once" in out
 
 
 @pytest.mark.slow

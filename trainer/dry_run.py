@@ -101,6 +101,7 @@ class Cost:
   flops: float
   bytes_accessed: float
   collectives: dict  # kind -> (count, bytes)
+  loops: int  # while loops in the program (scanned layers, microbatches)
 
   @property
   def collective_bytes(self) -> float:
@@ -113,7 +114,8 @@ class Cost:
       analysis = analysis[0]
     return cls(flops=analysis.get("flops", 0.0),
                bytes_accessed=analysis.get("bytes accessed", 0.0),
-               collectives=collectives(compiled.as_text()))
+               collectives=collectives(compiled.as_text()),
+               loops=len(re.findall(r"\swhile\(", compiled.as_text())))
 
   def rows(self) -> list[tuple[str, str, float]]:
     """(name, printed value, number for ratios) per line of the report."""
@@ -190,6 +192,11 @@ class Report:
           f"Compiled train step cost per device ({self.optimizer}):",
       ]
       lines += [f"  {name:<20}{value}" for name, value, _ in self.cost.rows()]
+      if self.cost.loops:
+        lines.append(f"  (XLA counts a loop's body once: these figures hold one pass "
+                     f"through each of the {self.cost.loops} loops, e.g. one scanned layer "
+                     "of one microbatch; work outside loops, such as an optimizer's update "
+                     "of all layers, counts in full)")
     if self.fits is False:
       lines.append("To fit: fewer rows per device (train.global_batch_size, or more "
                    "train.microbatches), model.remat='full', more fsdp in mesh.shape, or "
