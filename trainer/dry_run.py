@@ -112,10 +112,10 @@ class Cost:
     analysis = compiled.cost_analysis()
     if isinstance(analysis, (list, tuple)):  # one entry per program on older jax
       analysis = analysis[0]
+    hlo = compiled.as_text()
     return cls(flops=analysis.get("flops", 0.0),
                bytes_accessed=analysis.get("bytes accessed", 0.0),
-               collectives=collectives(compiled.as_text()),
-               loops=len(re.findall(r"\swhile\(", compiled.as_text())))
+               collectives=collectives(hlo), loops=len(re.findall(r"\swhile\(", hlo)))
 
   def rows(self) -> list[tuple[str, str, float]]:
     """(name, printed value, number for ratios) per line of the report."""
