@@ -43,6 +43,7 @@ def base_config() -> ml_collections.ConfigDict:
       rope_theta=10000.0,
       tie_embeddings=True,  # the output head reuses the embedding table
       scan_layers=True,  # one stacked, scanned block (fast compiles) or unrolled blocks
+      unroll_layers=False,  # compile the scanned block once per layer, with no loop
       remat="none",  # 'none' | 'full' | 'save_dots': what the backward pass recomputes
       dtype="float32",  # compute dtype; parameters, logits and loss stay float32
       # Multiplies d_model, num_heads, num_kv_heads and mlp_dim (head_dim stays): one knob

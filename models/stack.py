@@ -34,7 +34,7 @@ class LayerStack(nnx.Module):
   """num_layers blocks made by make_block(rngs), applied in order to the residual stream."""
 
   def __init__(self, make_block: Callable[[nnx.Rngs], nnx.Module], num_layers: int, *,
-               scan: bool, remat: str, rngs: nnx.Rngs):
+               scan: bool, remat: str, rngs: nnx.Rngs, unroll: bool = False):
     if scan:
       @nnx.split_rngs(splits=num_layers)
       @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata=_TRANSFORM_METADATA)
@@ -46,6 +46,7 @@ class LayerStack(nnx.Module):
       self.layers = nnx.List([make_block(rngs) for _ in range(num_layers)])
     self.scan = scan
     self.remat = remat
+    self.unroll = unroll  # scanned layers traced one after another, with no loop
 
   def __call__(self, x: jax.Array) -> jax.Array:
     call = _block_call(self.remat)
@@ -54,7 +55,7 @@ class LayerStack(nnx.Module):
         x = call(block, x)
       return x
 
-    @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry,
+    @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry, unroll=self.unroll,
               transform_metadata=_TRANSFORM_METADATA)
     def run(x, block):
       return call(block, x)
@@ -71,7 +72,7 @@ class LayerStack(nnx.Module):
         layer_caches.append(layer_cache)
       return x, jax.tree.map(lambda *c: jnp.stack(c), *layer_caches)
 
-    @nnx.scan(in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0),
+    @nnx.scan(in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0), unroll=self.unroll,
               transform_metadata=_TRANSFORM_METADATA)
     def run(x, block, layer_cache):
       return block.decode(x, layer_cache, start)

@@ -39,6 +39,9 @@ class TransformerConfig:
   rope_theta: float = 10000.0
   tie_embeddings: bool = True
   scan_layers: bool = True
+  # Scanned layers compiled one after another instead of as a loop: the same stacked
+  # params and results, a bigger program (the dry run counts costs this way).
+  unroll_layers: bool = False
   remat: str = "none"  # 'none' | 'full' | 'save_dots'
   dtype: str = "float32"  # compute dtype; parameters, logits and loss stay float32
   # Multiplies d_model, num_heads, num_kv_heads and mlp_dim (head_dim stays): one knob
@@ -96,7 +99,7 @@ class TransformerConfig:
              "embeddings rotate pairs of features.")
     _require(isinstance(self.rope_theta, (int, float)) and self.rope_theta > 0,
              f"model.rope_theta={self.rope_theta!r} must be positive.")
-    for name in ("tie_embeddings", "scan_layers"):
+    for name in ("tie_embeddings", "scan_layers", "unroll_layers"):
       _require(isinstance(getattr(self, name), bool),
                f"model.{name}={getattr(self, name)!r} must be True or False.")
     _require(self.remat in REMAT_CHOICES,
@@ -148,7 +151,7 @@ class Transformer(nnx.Module):
     self.embed = Embedding(config.vocab_size, config.d_model, dtype=dtype, rngs=rngs)
     self.blocks = LayerStack(lambda block_rngs: Block(config, rngs=block_rngs),
                              config.num_layers, scan=config.scan_layers,
-                             remat=config.remat, rngs=rngs)
+                             unroll=config.unroll_layers, remat=config.remat, rngs=rngs)
     self.final_norm = RMSNorm(config.d_model, dtype=dtype)
     self.head = None if config.tie_embeddings else OutputHead(
         config.d_model, config.vocab_size, dtype=dtype, rngs=rngs)

@@ -133,8 +133,36 @@ def test_dry_run_compare_prints_both_optimizers_costs_and_ratios(capsys):
   rows = {line.split()[0]: line for line in comparison[2:]}
   assert {"flops", "bytes", "all-reduce", "collectives,", "compile", "optimizer"} <= set(rows)
   assert rows["flops"].rstrip().endswith("x")  # a ratio on every row
-  # The tiny model's layers are scanned: the report says the loop's body counts once.
-  assert "XLA counts a loop's body once" in out
+  # The scanned layers were counted unrolled: no loop is left to be counted once.
+  assert "XLA counts a loop's body once" not in out
+
+
+def test_the_cost_counts_every_layer_and_microbatch_though_xla_counts_a_loop_once():
+  config = tiny_config(microbatches=2, global_batch_size=16)
+  config.model.num_layers = 4
+  config.optimizer.name = "adamw"  # a few flops per parameter: the model's are the bulk
+  report = dry_run.check(config)
+  run = setup_lib.build_setup(config)
+  tokens = config.train.global_batch_size * config.data.seq_len
+  model_flops = run.flops_per_token * tokens / jax.device_count()  # per device
+  assert report.cost.loops == 0
+  assert model_flops <= report.cost.flops < 1.2 * model_flops, (report.cost, model_flops)
+  # The step as it runs loops over 2 microbatches, each with a forward and a backward
+  # loop over 4 layers, and XLA's own count of it holds about one pass of each loop.
+  with jax.set_mesh(run.mesh):
+    looped = dry_run.Cost.of(
+        run.train_step.lower(run.abstract_state, run.abstract_batch()).compile())
+  assert looped.loops == 3
+  assert looped.flops < 0.3 * model_flops, (looped, model_flops)
+
+
+def test_loops_of_random_bits_alone_are_not_counted_as_loops():
+  hlo = """
+    %w1 = (s32[], u32[2,3]{1,0}, u32[4]{0}) while(%t1), condition=%c1, body=%b1
+    %w2 = (s32[], f32[8,8]{1,0}) while(%t2), condition=%c2, body=%b2
+    %w3 = (s32[], bf16[4]{0}) while(%t3), condition=%c3, body=%b3
+  """
+  assert dry_run.loops(hlo) == 2
 
 
 @pytest.mark.slow

@@ -103,6 +103,20 @@ def test_scanned_and_unscanned_agree_on_logits_and_grads(scanned, scanned_logits
     np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-6)
 
 
+def test_unrolled_layers_compute_the_scanned_logits_with_no_loop(scanned, scanned_logits,
+                                                                 tokens):
+  def compiled_forward(model):
+    graphdef = nnx.split(model, nnx.Param)[0]
+    forward = jax.jit(lambda params: nnx.merge(graphdef, params)(tokens))
+    return forward.lower(params_of(scanned)).compile()  # the same stacked parameters
+
+  unrolled = compiled_forward(build(unroll_layers=True))
+  np.testing.assert_allclose(unrolled(params_of(scanned)), scanned_logits, rtol=1e-5,
+                             atol=1e-5)
+  assert "while" not in unrolled.as_text()
+  assert "while" in compiled_forward(scanned).as_text()
+
+
 def remat_policies(model, tokens):
   """The policy of every jax.checkpoint region in the model's forward pass."""
   graphdef, params = nnx.split(model, nnx.Param)

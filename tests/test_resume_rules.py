@@ -21,6 +21,7 @@ CASES = {
     "mesh": ("mesh.shape", [1, 1, 1], False),
     "model": ("model.d_model", 64, True),
     "model.remat": ("model.remat", "full", False),
+    "model.unroll_layers": ("model.unroll_layers", True, False),
     "model.dtype": ("model.dtype", "bfloat16", False),
     "optimizer": ("optimizer.learning_rate", 1e-4, False),
     "optimizer.name": ("optimizer.name", "adamw", True),

@@ -22,6 +22,8 @@ RULES = (
     Rule("mesh", True, "the saved state is resharded onto the new mesh"),
     Rule("model", False, "it changes the parameters' shapes or what they compute"),
     Rule("model.remat", True, "recomputation changes memory and speed, not results"),
+    Rule("model.unroll_layers", True, "a loop or one program per layer: the same "
+         "parameters and results"),
     Rule("model.dtype", True, "the compute dtype: parameters are stored in float32"),
     Rule("optimizer", True, "a hyperparameter of the update (lr, schedule, decay, "
          "clipping)"),

@@ -133,12 +133,18 @@ def _specs_like_params(abstract_state, abstract_params, param_specs):
   return jax.tree_util.tree_map_with_path(spec_of, abstract_state)
 
 
-def build_setup(config, devices=None, check_vocab: bool = True) -> Setup:
+def build_setup(config, devices=None, check_vocab: bool = True,
+                unroll_loops: bool = False) -> Setup:
   """Check the config, then build the run on `devices` (default: all).
 
   check_vocab=False skips building the tokenizer, for checks on machines without it.
+  unroll_loops=True traces the scanned layers and the microbatches one after another,
+  with no loop: the same results from a bigger program, for the dry run's cost count.
   """
   validate.check_config(config)
+  if unroll_loops:
+    config = config.copy_and_resolve_references()
+    config.model.unroll_layers = True
 
   # Mesh.
   mesh = mesh_lib.make_mesh(config.mesh.axes, config.mesh.shape, devices)
@@ -187,7 +193,8 @@ def build_setup(config, devices=None, check_vocab: bool = True) -> Setup:
   batch_sharding = NamedSharding(mesh, P(mesh_lib.batch_axes(rules) or None))
   loss_fn = step_lib.make_loss_fn(graphdef, rest, rules)
   train_step = jax.jit(
-      step_lib.make_train_step(loss_fn, tx, schedule, config.train.microbatches),
+      step_lib.make_train_step(loss_fn, tx, schedule, config.train.microbatches,
+                               unroll_microbatches=unroll_loops),
       in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, None),
       donate_argnums=(0,))
   eval_step = jax.jit(step_lib.make_eval_step(graphdef, rest, rules),

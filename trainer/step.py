@@ -68,8 +68,10 @@ def _all_finite(tree) -> jax.Array:
 
 
 def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule, microbatches: int) -> Callable:
-  """step(state, batch) -> (state, metrics); gradients averaged over microbatches.
+                    schedule: optax.Schedule, microbatches: int,
+                    unroll_microbatches: bool = False) -> Callable:
+  """step(state, batch) -> (state, metrics); gradients averaged over microbatches, in a
+  loop or, with unroll_microbatches, one after another.
 
   A step whose loss, gradients or updated params are not finite changes nothing but
   the counter of such steps in a row; the loop decides when to give up.
@@ -86,7 +88,7 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
       return jax.tree.map(jnp.add, carry, (loss, grads)), None
 
     zeros = (jnp.float32(0.0), jax.tree.map(jnp.zeros_like, params))
-    total, _ = jax.lax.scan(body, zeros, split)
+    total, _ = jax.lax.scan(body, zeros, split, unroll=unroll_microbatches)
     return jax.tree.map(lambda x: x / microbatches, total)
 
   def step(state: TrainState, batch):
