@@ -205,8 +205,9 @@ class Report:
       lines += [f"  {name:<20}{value}" for name, value, _ in self.cost.rows()]
       if self.cost.loops:
         lines.append(f"  (XLA counts a loop's body once: these figures hold one pass "
-                     f"through each of the {self.cost.loops} loops left in the program; "
-                     "work outside loops counts in full)")
+                     f"through each of the {self.cost.loops} loops left in the program, "
+                     "such as matmuls the compiler split into loops over devices; work "
+                     "outside loops counts in full)")
     if self.fits is False:
       lines.append("To fit: fewer rows per device (train.global_batch_size, or more "
                    "train.microbatches), model.remat='full', more fsdp in mesh.shape, or "
