@@ -10,10 +10,10 @@ compiled step's memory per device with the chip's, and reports what the step cos
 device as the compiler sees it: flops, bytes accessed and the collectives of each kind
 (count and bytes). XLA's cost analysis counts a loop's body once, so these are read from
 the same step compiled a second time with its layers and microbatches unrolled: every
-pass counts, as it does on the chips. `--dry_run_compare=adamw` builds the same run with that optimizer
-and prints both side by side with the ratios, so an optimizer's cost on a slice is seen
-before the slice is paid for. No data or tokenizer is read, no array is allocated and
-nothing is written: a config that cannot fit fails here.
+pass counts, as it does on the chips. `--dry_run_compare=adamw` builds the same run
+with that optimizer and prints both side by side with the ratios, so an optimizer's
+cost on a slice is seen before the slice is paid for. No data or tokenizer is read, no
+array is allocated and nothing is written: a config that cannot fit fails here.
 """
 
 import collections
@@ -205,9 +205,9 @@ class Report:
       lines += [f"  {name:<20}{value}" for name, value, _ in self.cost.rows()]
       if self.cost.loops:
         lines.append(f"  (XLA counts a loop's body once: these figures hold one pass "
-                     f"through each of the {self.cost.loops} loops left in the program, "
-                     "such as matmuls the compiler split into loops over devices; work "
-                     "outside loops counts in full)")
+                     f"through each of the {self.cost.loops} loops left in the program "
+                     "(scanned layers not unrolled, matmuls the compiler split into loops "
+                     "over devices); work outside loops counts in full)")
     if self.fits is False:
       lines.append("To fit: fewer rows per device (train.global_batch_size, or more "
                    "train.microbatches), model.remat='full', more fsdp in mesh.shape, or "
