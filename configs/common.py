@@ -91,6 +91,9 @@ def base_config() -> ml_collections.ConfigDict:
           update_prob_floor=0.03,
           preconditioner_lr=0.7,
           whiten_grad=True,  # fit P on the gradients (False: on the momentum)
+          # Precondition the momentum's look-ahead, as Muon does: it won on the LM at every
+          # lr and seed tried (docs/kron_vs_muon.md); psgd.kron's own default is False.
+          nesterov=True,
           max_size_triangular=8192,  # a larger dim gets a diagonal factor
           max_skew_triangular=1.0,  # a dim d with d^2 > this x numel gets a diagonal one
           memory_save_mode=placeholder(str),  # None | 'one_diag' | 'all_diag'

@@ -147,6 +147,7 @@ def _check_args(args: dict):
       "beta_lipschitz": (lambda v: 0 <= v < 1, "in [0, 1)"),
       "damping": (lambda v: v >= 0, "non-negative"),
       "max_update_rms": (lambda v: v > 0, "positive"),
+      "update_rms": (lambda v: v > 0, "positive, or None (P's own scale)"),
       "lax_map_batch_size": (lambda v: v >= 1, "at least 1"),
       "block_size": (lambda v: v >= 1, "a positive int or None"),
   }
@@ -185,6 +186,7 @@ class KronSettings:
   """`scale_by_kron`'s arguments, checked and resolved once."""
 
   b1: float
+  nesterov: bool
   update_probability: ScalarOrSchedule
   layout_options: dict  # plan_layouts' keyword arguments
   scanned_layers: MaskOrFn
@@ -197,6 +199,7 @@ class KronSettings:
   beta_lipschitz: Any
   damping: Any
   max_update_rms: Any
+  update_rms: Optional[float]  # None: P's own scale, clipped and times output_scale
   mu_dtype: Any  # None: the gradient's
   precond_dtype: Any
   fit_precision: Optional[str]
@@ -317,13 +320,19 @@ def _identity_factors(s: KronSettings, lay: layout_lib.Layout):
 
 
 def _momentum(s: KronSettings, count, mu, grads):
-  """EMA of the gradients with factor min(count / (count + 1), b1): the factor ramps up
-  from 0, so no bias correction is needed."""
+  """(momentum, direction): the EMA of the gradients with factor
+  min(count / (count + 1), b1), which ramps up from 0 so that no bias correction is
+  needed; and what gets preconditioned: the momentum, or with nesterov the same EMA
+  taken once more with the current gradient (Nesterov's look-ahead, as in Muon)."""
   if s.b1 == 0:
-    return grads
+    return grads, grads
   beta = jnp.minimum(count / (count + 1.0), s.b1)
-  return jax.tree.map(lambda m, g: beta.astype(g.dtype) * m.astype(g.dtype) +
-                      (1 - beta.astype(g.dtype)) * g, mu, grads)
+
+  def ema(m, g):
+    return beta.astype(g.dtype) * m.astype(g.dtype) + (1 - beta.astype(g.dtype)) * g
+
+  mu = jax.tree.map(ema, mu, grads)
+  return mu, jax.tree.map(ema, mu, grads) if s.nesterov else mu
 
 
 def _fourth_moment_roots(g: jax.Array) -> jax.Array:
@@ -422,12 +431,15 @@ def _refit(s: KronSettings, layouts, targets, grad_eps, keys, balance_key, lr, c
 
 
 def _precondition(s: KronSettings, layouts, factors, precond, mu, like):
-  """P mu per parameter, each block clipped to RMS max_update_rms, times the output
-  scale, in the dtype of `like` (the incoming updates)."""
+  """P mu per parameter in the dtype of `like` (the incoming updates): each block
+  scaled to RMS update_rms, or else clipped to RMS max_update_rms and times the output
+  scale."""
   def clipped(p_factors, x):
     y = fitting.apply_preconditioner(p_factors, x, s.apply_operand_dtype)
     rms = jnp.sqrt(jnp.mean(y * y))
-    return y * (s.max_update_rms / jnp.maximum(rms, s.max_update_rms))
+    if s.update_rms is not None:
+      return y * (s.update_rms / jnp.maximum(rms, fitting._TINY))
+    return y * (s.max_update_rms / jnp.maximum(rms, s.max_update_rms)) * s.output_scale
 
   def one(lay, fs, pfs, m, g):
     # With bfloat16 operands the matmuls cast the stored factors themselves.
@@ -435,7 +447,7 @@ def _precondition(s: KronSettings, layouts, factors, precond, mu, like):
                 (lambda fs: tuple(f.astype(m.dtype) for f in fs)))
     p_factors = operands(pfs) if pfs else _p_factors(s, operands(fs), s.apply_operand_dtype)
     y = _map_blocks(s, lay, clipped, p_factors, layout_lib.to_blocks(m, lay))
-    return (layout_lib.from_blocks(y, lay) * s.output_scale).astype(g.dtype)
+    return layout_lib.from_blocks(y, lay).astype(g.dtype)
 
   with jax.default_matmul_precision(s.apply_precision):
     return _map_params(one, layouts, factors, precond, mu, like)
@@ -447,6 +459,7 @@ def _precondition(s: KronSettings, layouts, factors, precond, mu, like):
 def scale_by_kron(
     *,
     b1: float = 0.9,
+    nesterov: bool = False,
     preconditioner_update_probability: ScalarOrSchedule = precond_update_prob_schedule(),
     max_size_triangular: int = 8192,
     max_skew_triangular: float = 1.0,
@@ -464,6 +477,7 @@ def scale_by_kron(
     beta_lipschitz: float = 0.9,
     damping: float = 1e-9,
     max_update_rms: float = 1.1,
+    update_rms: Optional[float] = None,
     mu_dtype: Optional[jax.typing.DTypeLike] = None,
     precond_dtype: Optional[jax.typing.DTypeLike] = None,
     precond_update_precision: Optional[Precision] = "tensorfloat32",
@@ -494,6 +508,8 @@ def scale_by_kron(
     b1: EMA factor of the momentum, which is what gets preconditioned (0: the
       gradient itself). The factor ramps up as min(count / (count + 1), b1), so no
       bias correction is needed.
+    nesterov: precondition Nesterov's look-ahead, the momentum's EMA taken once more
+      with the current gradient, instead of the momentum (as Muon does).
     preconditioner_update_probability: chance of a refit on each step: a float, or a
       schedule of the step count. Default: every step for 500 steps, then annealed to
       0.03 (`precond_update_prob_schedule`). The draws come from the key in the state,
@@ -533,8 +549,9 @@ def scale_by_kron(
     cache_preconditioner: keep P's factors (Q^T Q) in the state, recomputed only when
       Q changes: faster steps between refits for the memory of a second set of
       factors. A no-op for the modes that store P.
-    whiten_grad: fit P on the gradients (True) or on the momentum (False; then scale
-      the learning rate down by about sqrt((1 + b1) / (1 - b1)), or use lr_style).
+    whiten_grad: fit P on the gradients (True) or on what it preconditions, the
+      momentum or its look-ahead (False; then scale the learning rate down by about
+      sqrt((1 + b1) / (1 - b1)), or use lr_style).
     lr_style: 'adam' multiplies the output so its RMS matches Adam's, so AdamW's
       learning rate and weight decay carry over (see `adam_style_scale`: a no-op when
       whiten_grad=True); None keeps PSGD's raw output.
@@ -543,6 +560,10 @@ def scale_by_kron(
     damping: scale of the noise added to the fitting target; it bounds P above by
       about I / damping and keeps the fit well posed for zero or low-rank gradients.
     max_update_rms: each block of the output is scaled down to at most this RMS.
+    update_rms: scale each block of the output to exactly this RMS, as Muon does with
+      its orthogonalised matrices (`consistent_rms`), instead of keeping P's own
+      scale; then max_update_rms and lr_style do nothing. About 0.2 keeps AdamW's
+      learning rate. None: P's scale.
     mu_dtype: storage dtype of the momentum (None: the gradient's).
     precond_dtype: storage dtype of the factors (None: float32). Arithmetic is
       float32 (float64 for float64 gradients) whatever the storage. With bfloat16
@@ -600,7 +621,7 @@ def scale_by_kron(
       jnp.bfloat16 if precision == "bfloat16" else None
       for precision in (precond_update_precision, precond_grads_precision))
   s = KronSettings(
-      b1=b1, update_probability=preconditioner_update_probability,
+      b1=b1, nesterov=nesterov, update_probability=preconditioner_update_probability,
       layout_options=dict(max_size_triangular=max_size_triangular,
                           max_skew_triangular=max_skew_triangular,
                           min_ndim_triangular=min_ndim_triangular,
@@ -612,6 +633,7 @@ def scale_by_kron(
       whiten_grad=whiten_grad,
       output_scale=adam_style_scale(b1, whiten_grad) if lr_style == "adam" else 1.0,
       beta_lipschitz=beta_lipschitz, damping=damping, max_update_rms=max_update_rms,
+      update_rms=update_rms,
       mu_dtype=mu_dtype, precond_dtype=jnp.dtype(precond_dtype or jnp.float32),
       fit_precision=precond_update_precision, apply_precision=precond_grads_precision,
       fit_operand_dtype=fit_operand_dtype, apply_operand_dtype=apply_operand_dtype,
@@ -639,7 +661,7 @@ def scale_by_kron(
     layouts = s.layouts(updates)
     grads = jax.tree.map(lambda g: g.astype(_compute_dtype(g.dtype)), updates)
     key, k_decide, k_balance, k_fit = jax.random.split(state.key, 4)
-    mu = _momentum(s, state.count, state.mu, grads)
+    mu, direction = _momentum(s, state.count, state.mu, grads)
     factors = _per_param(layouts, state.factors)
     precond = (_per_param(layouts, state.precond) if s.cache else
                _map_params(lambda lay: (), layouts))
@@ -648,7 +670,7 @@ def scale_by_kron(
     initialized = state.initialized | found
     refit_now = chosen & initialized
     fit = functools.partial(
-        _refit, s, layouts, grads if s.whiten_grad else mu,
+        _refit, s, layouts, grads if s.whiten_grad else direction,
         jax.tree.map(lambda g: _noise_eps(s, g.dtype), updates),
         _block_keys(k_fit, layouts), k_balance,
         _scheduled(s.preconditioner_lr, state.num_updates))
@@ -669,7 +691,7 @@ def scale_by_kron(
     branch = jnp.where(refit_now, 1, jnp.where(initialized & ~state.initialized, 2, 0))
     factors, lipschitz, precond = jax.lax.switch(
         branch, [lambda carry: carry, refit, rescale], (factors, state.lipschitz, precond))
-    new_updates = _precondition(s, layouts, factors, precond, mu, updates)
+    new_updates = _precondition(s, layouts, factors, precond, direction, updates)
     return new_updates, KronState(
         count=optax.safe_int32_increment(state.count),
         key=key,
@@ -701,6 +723,7 @@ def kron(
     learning_rate: ScalarOrSchedule = 3e-4,
     *,
     b1: float = 0.9,
+    nesterov: bool = False,
     weight_decay: float = 0.0,
     weight_decay_mask: MaskOrFn = None,
     preconditioner_update_probability: ScalarOrSchedule = precond_update_prob_schedule(),
@@ -720,6 +743,7 @@ def kron(
     beta_lipschitz: float = 0.9,
     damping: float = 1e-9,
     max_update_rms: float = 1.1,
+    update_rms: Optional[float] = None,
     mu_dtype: Optional[jax.typing.DTypeLike] = None,
     precond_dtype: Optional[jax.typing.DTypeLike] = None,
     precond_update_precision: Optional[Precision] = "tensorfloat32",
@@ -739,6 +763,7 @@ def kron(
   Args:
     learning_rate: a float or a schedule of the step count.
     b1: EMA factor of the momentum (see `scale_by_kron`).
+    nesterov: see `scale_by_kron`.
     weight_decay: decoupled weight decay, applied after the preconditioner, so it is
       not preconditioned (as in AdamW).
     weight_decay_mask: a tree of bools shaped like the params (or a callable of the
@@ -760,6 +785,7 @@ def kron(
     beta_lipschitz: see `scale_by_kron`.
     damping: see `scale_by_kron`.
     max_update_rms: see `scale_by_kron`.
+    update_rms: see `scale_by_kron`.
     mu_dtype: see `scale_by_kron`.
     precond_dtype: see `scale_by_kron`.
     precond_update_precision: see `scale_by_kron`.
@@ -812,7 +838,8 @@ def kron(
   if isinstance(weight_decay, (int, float)) and weight_decay < 0:
     raise ValueError(f"weight_decay={weight_decay} must be non-negative.")
   parts = [scale_by_kron(
-      b1=b1, preconditioner_update_probability=preconditioner_update_probability,
+      b1=b1, nesterov=nesterov,
+      preconditioner_update_probability=preconditioner_update_probability,
       max_size_triangular=max_size_triangular, max_skew_triangular=max_skew_triangular,
       min_ndim_triangular=min_ndim_triangular, memory_save_mode=memory_save_mode,
       block_size=block_size, merge_dims=merge_dims, param_sharding=param_sharding,
@@ -821,6 +848,7 @@ def kron(
       preconditioner_mode=preconditioner_mode,
       cache_preconditioner=cache_preconditioner, whiten_grad=whiten_grad, lr_style=lr_style,
       beta_lipschitz=beta_lipschitz, damping=damping, max_update_rms=max_update_rms,
+      update_rms=update_rms,
       mu_dtype=mu_dtype, precond_dtype=precond_dtype,
       precond_update_precision=precond_update_precision,
       precond_grads_precision=precond_grads_precision, scanned_layers=scanned_layers,

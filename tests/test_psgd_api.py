@@ -29,10 +29,11 @@ def test_docstring_examples_run():
 def test_static_args_are_every_argument_but_the_hyperparams():
   # Pinned: a new argument of kron must be classified here on purpose.
   assert psgd.STATIC_ARGS == (
-      "b1", "weight_decay_mask", "max_size_triangular", "max_skew_triangular",
+      "b1", "nesterov", "weight_decay_mask", "max_size_triangular", "max_skew_triangular",
       "min_ndim_triangular", "memory_save_mode", "block_size", "merge_dims", "param_sharding",
       "preconditioner_init_scale",
-      "preconditioner_mode", "cache_preconditioner", "whiten_grad", "lr_style", "mu_dtype",
+      "preconditioner_mode", "cache_preconditioner", "whiten_grad", "lr_style", "update_rms",
+      "mu_dtype",
       "precond_dtype", "precond_update_precision", "precond_grads_precision",
       "scanned_layers", "lax_map_scanned_layers", "lax_map_batch_size", "seed")
   kron_args = set(inspect.signature(psgd.kron).parameters)

@@ -304,6 +304,45 @@ def test_small_mlp_trains():
   assert float(loss(trained)) < 0.01 * start
 
 
+# ------------------------------------------------------------------- momentum
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_preconditioned_direction_is_the_momentum_or_its_nesterov_look_ahead(nesterov):
+  # With P fixed at I and no clipping, the update is the direction itself: the EMA with
+  # factor min(t / (t + 1), b1), or (Nesterov) that EMA taken once more with g_t.
+  b1, grads = 0.8, jax.random.normal(jax.random.PRNGKey(0), (6, 4, 3))
+  tx = psgd.scale_by_kron(b1=b1, nesterov=nesterov, preconditioner_update_probability=0.0,
+                          preconditioner_init_scale=1.0, lr_style=None,
+                          max_update_rms=1e9)
+  state, m = tx.init({"w": grads[0]}), np.zeros((4, 3))
+  for t, g in enumerate(np.asarray(grads)):
+    beta = min(t / (t + 1), b1)
+    m = beta * m + (1 - beta) * g
+    expected = beta * m + (1 - beta) * g if nesterov else m
+    update, state = jax.jit(tx.update)({"w": jnp.asarray(g)}, state)
+    np.testing.assert_allclose(update["w"], expected, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(state.mu["w"], m, rtol=1e-5, atol=1e-7)
+
+
+def test_update_rms_sets_every_blocks_rms_whatever_the_gradients_scale():
+  # Each block's output has RMS update_rms (as Muon's consistent_rms), so a fixed P's
+  # scale no longer reaches the update; without it, the update keeps P's scale.
+  grads = {"w": jax.random.normal(jax.random.PRNGKey(1), (12, 8)),
+           "v": jax.random.normal(jax.random.PRNGKey(2), (5,))}
+  def first_update(scale, **kwargs):
+    tx = psgd.scale_by_kron(block_size=4, preconditioner_init_scale=1.0, **kwargs)
+    scaled = jax.tree.map(lambda g: scale * g, grads)
+    return jax.jit(tx.update)(scaled, tx.init(grads))[0]
+  small, big = first_update(1e-3, update_rms=0.2), first_update(1e3, update_rms=0.2)
+  w_blocks = np.asarray(small["w"]).reshape(3, 4, 2, 4).swapaxes(1, 2).reshape(6, 16)
+  np.testing.assert_allclose(np.sqrt(np.mean(w_blocks ** 2, axis=-1)), 0.2, rtol=1e-4)
+  np.testing.assert_allclose(np.sqrt(np.mean(np.asarray(small["v"]) ** 2)), 0.2, rtol=1e-4)
+  assert np.sqrt(np.mean(np.asarray(big["w"]) ** 2)) == pytest.approx(0.2, rel=1e-4)
+  own_scale = first_update(1e-3)
+  assert np.sqrt(np.mean(np.asarray(own_scale["w"]) ** 2)) < 0.01
+
+
 # ----------------------------------------------------------- update decisions
 
 
