@@ -2,8 +2,9 @@
 
 A step: momentum (EMA of gradients); until it is set, the scale of P from the first
 nonzero gradients; with some probability a refit of each parameter's Kronecker factors
-on the gradient (or momentum); then the momentum is preconditioned, clipped per block
-and, with lr_style='adam', scaled to Adam's update size. See `fitting.py` for the math
+on the gradient (or momentum); then the momentum (or its Nesterov look-ahead) is
+preconditioned, clipped per block and, with lr_style='adam', scaled to Adam's update
+size (or, with update_rms, each block scaled to that RMS). See `fitting.py` for the math
 and `layout.py` for how parameters become batches of small tensors (blocks).
 
 Every per-parameter field of the state is a tree with the params' structure whose
@@ -131,6 +132,9 @@ def _check_args(args: dict):
   if mode not in fitting.MODES:
     raise ValueError(f"preconditioner_mode={mode!r} is unknown; choose one of "
                      f"{', '.join(fitting.MODES)}.")
+  if args["nesterov"] and args["b1"] == 0:
+    raise ValueError("nesterov=True looks ahead along the momentum, which needs b1 > 0; "
+                     "set b1 (e.g. 0.9) or nesterov=False.")
   if not args["whiten_grad"] and args["b1"] == 0:
     raise ValueError("whiten_grad=False whitens the momentum, which needs b1 > 0; set b1 "
                      "(e.g. 0.9) or whiten_grad=True.")
@@ -430,8 +434,8 @@ def _refit(s: KronSettings, layouts, targets, grad_eps, keys, balance_key, lr, c
   return new_factors, new_lipschitz, _cached(s, layouts, new_factors)
 
 
-def _precondition(s: KronSettings, layouts, factors, precond, mu, like):
-  """P mu per parameter in the dtype of `like` (the incoming updates): each block
+def _precondition(s: KronSettings, layouts, factors, precond, direction, like):
+  """P times the direction, per parameter, in the dtype of `like` (the incoming updates): each block
   scaled to RMS update_rms, or else clipped to RMS max_update_rms and times the output
   scale."""
   def clipped(p_factors, x):
@@ -450,7 +454,7 @@ def _precondition(s: KronSettings, layouts, factors, precond, mu, like):
     return layout_lib.from_blocks(y, lay).astype(g.dtype)
 
   with jax.default_matmul_precision(s.apply_precision):
-    return _map_params(one, layouts, factors, precond, mu, like)
+    return _map_params(one, layouts, factors, precond, direction, like)
 
 
 # ---------------------------------------------------------- transformations
@@ -499,8 +503,10 @@ def scale_by_kron(
   A step, in order: the momentum m (an EMA of the gradients); until it is set, the
   scale of P from the first nonzero gradients; with probability
   `preconditioner_update_probability`, one fitting step of every factor on the
-  gradient (or on m, see `whiten_grad`); then the output P m, clipped per block to
-  RMS `max_update_rms` and, with `lr_style='adam'`, scaled to Adam's update size.
+  gradient (or on m, see `whiten_grad`); then the output P m (or P times m's
+  look-ahead, see `nesterov`), clipped per block to RMS `max_update_rms` and, with
+  `lr_style='adam'`, scaled to Adam's update size (or each block scaled to RMS
+  `update_rms`).
   The result is a direction to be scaled by a negative learning rate, as with
   `optax.scale_by_adam`; `kron` adds that and weight decay.
 

@@ -431,6 +431,8 @@ def test_works_with_nnx_optimizer():
     (dict(learning_rate=-1.0), "learning_rate"),
     (dict(preconditioner_mode="QE2"), "preconditioner_mode"),
     (dict(whiten_grad=False, b1=0.0), "whiten_grad"),
+    (dict(nesterov=True, b1=0.0), "nesterov"),
+    (dict(update_rms=0.0), "update_rms"),
     (dict(memory_save_mode="some_diag"), "memory_save_mode"),
     (dict(preconditioner_update_probability=1.5), "preconditioner_update_probability"),
     (dict(weight_decay=-0.1), "weight_decay"),
