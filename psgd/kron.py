@@ -435,9 +435,9 @@ def _refit(s: KronSettings, layouts, targets, grad_eps, keys, balance_key, lr, c
 
 
 def _precondition(s: KronSettings, layouts, factors, precond, direction, like):
-  """P times the direction, per parameter, in the dtype of `like` (the incoming updates): each block
-  scaled to RMS update_rms, or else clipped to RMS max_update_rms and times the output
-  scale."""
+  """P times the direction, per parameter, in the dtype of `like` (the incoming
+  updates): each block scaled to RMS update_rms, or else clipped to RMS max_update_rms
+  and times the output scale."""
   def clipped(p_factors, x):
     y = fitting.apply_preconditioner(p_factors, x, s.apply_operand_dtype)
     rms = jnp.sqrt(jnp.mean(y * y))
