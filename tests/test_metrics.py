@@ -4,12 +4,15 @@ import importlib.util
 import json
 import logging as logging_std
 import re
+import struct
 import subprocess
 import sys
+import threading
 
 import jax.numpy as jnp
 import pytest
 from absl import logging
+from tensorboardX.proto.event_pb2 import Event, SessionLog
 from tqdm import tqdm
 
 from trainer.metrics import (PROGRESS_FORMAT, MeanSinceLog, MetricsWriter, format_eta,
@@ -32,6 +35,39 @@ def test_metrics_jsonl_tensorboard_and_plot(tmp_path):
   subprocess.run([sys.executable, "scripts/plot_metrics.py", str(tmp_path / "a"),
                   str(tmp_path / "b"), "-o", str(output)], cwd=REPO, check=True)
   assert output.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _tensorboard_events(directory) -> list[Event]:
+  """Every event in a directory's TensorBoard files, read back from their TFRecord
+  framing (length, its CRC, the serialized Event, its CRC)."""
+  events = []
+  for path in directory.glob("events.out.tfevents.*"):
+    data, i = path.read_bytes(), 0
+    while i < len(data):
+      (length,) = struct.unpack("<Q", data[i:i + 8])
+      events.append(Event.FromString(data[i + 12:i + 12 + length]))
+      i += 12 + length + 4
+  return events
+
+
+def test_tensorboard_files_hold_every_run_and_hide_what_a_resume_redoes(tmp_path):
+  threads = threading.active_count()
+  writer = MetricsWriter(str(tmp_path), total_steps=3)
+  for step in (1, 2, 3):
+    writer.write(step, {"train/loss": 10.0 + step})
+  assert threading.active_count() == threads  # written in this thread: nothing to shut down
+  writer.close()
+  # Resumed from step 2 at once (the same second: both files must survive).
+  writer = MetricsWriter(str(tmp_path), total_steps=3, start_step=2)
+  writer.write(3, {"train/loss": 23.0})
+  writer.close()
+  events = _tensorboard_events(tmp_path / "tensorboard")
+  scalars = sorted((e.step, v.tag, v.simple_value) for e in events for v in e.summary.value)
+  assert scalars == [(1, "train/loss", 11.0), (2, "train/loss", 12.0),
+                     (3, "train/loss", 13.0), (3, "train/loss", 23.0)]
+  # TensorBoard drops the earlier events from a restart's START step on.
+  starts = sorted(e.step for e in events if e.session_log.status == SessionLog.START)
+  assert starts == [1, 3]
 
 
 def _plot_script():

@@ -14,8 +14,12 @@ import os
 import pathlib
 import sys
 import time
+import uuid
 
 from absl import logging
+from tensorboardX.event_file_writer import EventsWriter  # no TensorFlow needed
+from tensorboardX.proto.event_pb2 import Event, SessionLog
+from tensorboardX.summary import scalar
 from tqdm import tqdm
 
 # Fixed-width fields, so the bar keeps its width and the line fits 80 columns.
@@ -98,6 +102,36 @@ class _LogAboveTheBar(logging_std.Handler):
     tqdm.write(self.console.format(record), file=sys.stderr)
 
 
+class EventFile:
+  """A TensorBoard event file, written and flushed in the caller's thread.
+
+  tensorboardX's SummaryWriter hands events to a thread through a multiprocessing
+  queue; when a run stops on an error, that queue's shutdown could print a traceback
+  after the run's own last line. The trainer writes a few scalars per log line, so
+  plain synchronous writes cost nothing.
+  """
+
+  def __init__(self, directory: pathlib.Path, purge_step: int):
+    """`purge_step`: TensorBoard hides the events of earlier runs in this directory from
+    this step on (a resumed run redoes them), as metrics.jsonl drops its records."""
+    directory.mkdir(parents=True, exist_ok=True)
+    # The file's name holds the time in whole seconds; the suffix keeps a restart within
+    # the same second from overwriting the previous run's file.
+    self._events = EventsWriter(str(directory / "events"), f".{uuid.uuid4().hex[:8]}")
+    self._events.write_event(Event(wall_time=time.time(), step=purge_step,
+                                   session_log=SessionLog(status=SessionLog.START)))
+    self._events.flush()
+
+  def write_scalars(self, step: int, values: dict[str, float]) -> None:
+    for name, value in values.items():
+      self._events.write_event(Event(wall_time=time.time(), step=step,
+                                     summary=scalar(name, value)))
+    self._events.flush()
+
+  def close(self) -> None:
+    self._events.close()
+
+
 class MetricsWriter:
   """Appends metrics to metrics.jsonl and TensorBoard; logs a line or a progress bar."""
 
@@ -115,9 +149,7 @@ class MetricsWriter:
     path.mkdir(parents=True, exist_ok=True)
     drop_records_after(path / "metrics.jsonl", start_step)
     self._jsonl = open(path / "metrics.jsonl", "a", encoding="utf-8")
-    from tensorboardX import SummaryWriter  # no TensorFlow needed
-    # TensorBoard hides the events of earlier runs from this step on, as the jsonl drops them.
-    self._tb = SummaryWriter(str(path / "tensorboard"), purge_step=start_step + 1)
+    self._tb = EventFile(path / "tensorboard", purge_step=start_step + 1)
     if progress_bar is None:
       progress_bar = sys.stderr.isatty()
     if progress_bar:
@@ -136,10 +168,7 @@ class MetricsWriter:
     record = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
     self._jsonl.write(json.dumps(record) + "\n")
     self._jsonl.flush()
-    for name, value in record.items():
-      if name != "step":
-        self._tb.add_scalar(name, value, step)
-    self._tb.flush()
+    self._tb.write_scalars(step, {k: v for k, v in record.items() if k != "step"})
     summary = ", ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "step")
     if self._bar is None:
       logging.info("step %d: %s", step, summary)
