@@ -12,6 +12,7 @@ train steps of AdamW, Muon and Kron (at p=1 and at the floor) are timed side by 
     python scripts/bench_convergence.py                     # writes docs/convergence
     python scripts/bench_convergence.py --widths 1,2 --optimizers kron \
         --budget_fraction 0 --time_rounds 0 --out docs/width_transfer   # lr transfer
+    python scripts/bench_convergence.py --time_only --focus_modes Q0.5EQ1.5,QEQ  # step times
 
 Runs go through trainer.main.train in this process (sequentially, 2 CPU cores welcome).
 """
@@ -75,7 +76,8 @@ def step_timer(args, optimizer: str, mode: str, lr: float, update_prob=None):
   from trainer import setup as setup_lib
   config = load_config(args.config)
   config.optimizer.update(dict(name=optimizer, learning_rate=lr))
-  config.optimizer.kron.preconditioner_mode = mode
+  if optimizer == "kron":
+    config.optimizer.kron.preconditioner_mode = mode
   if update_prob is not None:  # p(n) = clip(exp(-1e9 n), prob, 1): prob from step 1 on
     config.optimizer.kron.update(dict(update_prob_flat_steps=0, update_prob_decay=1e9,
                                       update_prob_floor=update_prob))
@@ -99,21 +101,24 @@ def step_timer(args, optimizer: str, mode: str, lr: float, update_prob=None):
 
 
 def time_steps(args, runs) -> str:
-  """Median train-step time of the best AdamW and Kron runs, timed in interleaved rounds
-  so that machine noise hits all alike; Kron at p=1 (the default schedule's first
-  steps) and at its floor."""
-  best = lambda opt, mode: min((r for r in runs if r["optimizer"] == opt and
-                                (opt != "kron" or r["mode"] == mode) and
-                                r["width"] == 1 and r["steps"] == args.steps),
-                               key=lambda r: r["best"])
-  timers = {"adamw": step_timer(args, "adamw", "Q0.5EQ1.5", best("adamw", None)["lr"])}
-  if any(r["optimizer"] == "muon" for r in runs):
-    timers["muon"] = step_timer(args, "muon", "Q0.5EQ1.5", best("muon", None)["lr"])
-  kron_ran = any(r["optimizer"] == "kron" for r in runs)
-  for mode in args.focus_modes.split(",") if kron_ran else ():
-    lr = best("kron", mode)["lr"]
-    timers[f"kron {mode} p=1"] = step_timer(args, "kron", mode, lr, 1.0)
-    timers[f"kron {mode} floor"] = step_timer(args, "kron", mode, lr, FLOOR)
+  """Median train-step time of the best AdamW, Muon and Kron runs (with no runs: of the
+  config's learning rate and the optimizers asked for), timed in interleaved rounds so
+  that machine noise hits all alike; Kron at p=1 (the default schedule's first steps)
+  and at its floor."""
+  def lr(opt, mode=None):
+    if not runs:
+      return load_config(args.config).optimizer.learning_rate
+    return min((r for r in runs if r["optimizer"] == opt and
+                (opt != "kron" or r["mode"] == mode) and
+                r["width"] == 1 and r["steps"] == args.steps),
+               key=lambda r: r["best"])["lr"]
+  timed = ({r["optimizer"] for r in runs} if runs else set(args.optimizers.split(",")))
+  timers = {"adamw": step_timer(args, "adamw", "-", lr("adamw"))}
+  if "muon" in timed:
+    timers["muon"] = step_timer(args, "muon", "-", lr("muon"))
+  for mode in args.focus_modes.split(",") if "kron" in timed else ():
+    timers[f"kron {mode} p=1"] = step_timer(args, "kron", mode, lr("kron", mode), 1.0)
+    timers[f"kron {mode} floor"] = step_timer(args, "kron", mode, lr("kron", mode), FLOOR)
   times = {name: [] for name in timers}
   for _ in range(args.time_rounds):
     for name, tick in timers.items():
@@ -221,16 +226,24 @@ def main():
   parser.add_argument("--muon_lrs", default="1e-3,3e-3,1e-2,3e-2")
   parser.add_argument("--widths", default="1", help="width multipliers, comma separated")
   parser.add_argument("--out", default="docs/convergence")
-  parser.add_argument("--focus_modes", default="Q0.5EQ1.5",
+  parser.add_argument("--focus_modes", default=None,
                       help="Kron modes (at their best lr) timed against AdamW and rerun "
-                           "with the shorter budget")
+                           "with the shorter budget; default: the config's mode")
   parser.add_argument("--budget_fraction", type=float, default=0.75,
                       help="shorter budget, as a fraction of --steps (0: none)")
   parser.add_argument("--time_rounds", type=int, default=20, help="0: no timing")
+  parser.add_argument("--time_only", action="store_true",
+                      help="train nothing: time the config's steps for --optimizers and "
+                           "--focus_modes at its learning rate")
   parser.add_argument("--resume", action="store_true",
                       help="keep the runs in <out>/runs.json made with the same --config and "
                            "--steps (reported with this sweep's), and skip redoing them")
   args = parser.parse_args()
+  if args.focus_modes is None:
+    args.focus_modes = load_config(args.config).optimizer.kron.preconditioner_mode
+  if args.time_only:
+    print(time_steps(args, []))
+    return
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   done = {}

@@ -26,6 +26,7 @@ import functools
 import json
 import math
 import pathlib
+import statistics
 
 import jax
 import jax.numpy as jnp
@@ -191,12 +192,16 @@ def main():
   parser.add_argument("--steps", type=int, default=600)
   parser.add_argument("--batch", type=int, default=64)
   parser.add_argument("--evals", type=int, default=10)
+  parser.add_argument("--seeds", default="0",
+                      help="comma separated; each loss is the mean over these seeds "
+                      "(initialisation and batch order)")
   parser.add_argument("--kron_args", default="{}",
                       help="psgd.kron arguments as a JSON object, e.g. '{\"b1\": 0.95}'; "
                       "a preconditioner_lr object holds precond_lr_schedule's arguments")
   parser.add_argument("--out", default="", help="write <out>/heldout.json")
   args = parser.parse_args()
   lrs = [float(v) for v in args.lrs.split(",")]
+  seeds = [int(v) for v in args.seeds.split(",")]
   names = args.optimizers.split(",")
   results = []
   print("| task | schedule | " + " | ".join(names) + " | kron vs best baseline |")
@@ -205,8 +210,10 @@ def main():
     for kind in args.schedules.split(","):
       best = {}
       for name in names:
-        losses = {lr: train(task, name, kind, lr, steps=args.steps, batch=args.batch,
-                            evals=args.evals, kron_args=args.kron_args)
+        losses = {lr: statistics.mean(
+                      train(task, name, kind, lr, steps=args.steps, batch=args.batch,
+                            evals=args.evals, seed=seed, kron_args=args.kron_args)
+                      for seed in seeds)
                   for lr in lrs}
         lr = min(losses, key=losses.get)
         best[name] = (losses[lr], lr)
