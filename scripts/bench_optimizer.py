@@ -11,6 +11,10 @@ Params are nanoGPT-shaped (vocab 8192, d_model 512, 8 layers, mlp 2048, fused qk
 stacked over a layer axis (marked scanned) and as 8 separate layers.
 
     python scripts/bench_optimizer.py [--rounds 7] [--layouts stacked,unstacked]
+        [--variants kron,kron_bf16,kron_bf16_fit,kron_bf16_cached] [--modes QUAD4P,QEQ]
+
+`--variants` picks among the four settings above; `--modes` adds the defaults with
+another `preconditioner_mode` (float32, as a user would pass it).
 
 psgdax is not a dependency: `pip install --no-deps psgdax` to include it.
 """
@@ -50,7 +54,10 @@ def gpt_params(stacked: bool):
   return params, mask
 
 
-def optimizers(mask):
+VARIANTS = ("kron", "kron_bf16", "kron_bf16_fit", "kron_bf16_cached")
+
+
+def optimizers(mask, variants=VARIANTS, modes=()):
   """name -> optax transformation (bf16 momentum for all PSGD variants)."""
   common = dict(learning_rate=3e-4, b1=0.9, weight_decay=0.1, scanned_layers=mask,
                 mu_dtype=jnp.bfloat16)
@@ -58,11 +65,13 @@ def optimizers(mask):
   # The defaults (float32), bf16 factors and bf16 operands where P is applied, then in
   # the fit too (the trainer's setting), then with cached P.
   bf16 = dict(precond_dtype=jnp.bfloat16, precond_grads_precision="bfloat16")
-  variants = {"kron": {}, "kron bf16": bf16,
-              "kron bf16 fit": dict(bf16, precond_update_precision="bfloat16"),
-              "kron bf16 cached": dict(bf16, cache_preconditioner=True)}
+  settings = {"kron": {}, "kron_bf16": bf16,
+              "kron_bf16_fit": dict(bf16, precond_update_precision="bfloat16"),
+              "kron_bf16_cached": dict(bf16, cache_preconditioner=True)}
+  settings = {name: settings[name] for name in variants}
+  settings.update({f"kron_{mode}": dict(preconditioner_mode=mode) for mode in modes})
   for label, prob in (("p=1", 1.0), ("floor", FLOOR)):
-    for name, extra in variants.items():
+    for name, extra in settings.items():
       opts[f"{name} {label}"] = psgd.kron(preconditioner_update_probability=prob, **extra,
                                           **common)
   try:
@@ -79,7 +88,7 @@ def state_bytes(state) -> int:
   return sum(x.nbytes for x in jax.tree.leaves(state) if hasattr(x, "nbytes"))
 
 
-def bench(layout: str, rounds: int):
+def bench(layout: str, rounds: int, variants, modes):
   params, mask = gpt_params(layout == "stacked")
   num_params = sum(x.size for x in jax.tree.leaves(params))
   grads = jax.tree.map(lambda p: jnp.asarray(
@@ -87,7 +96,7 @@ def bench(layout: str, rounds: int):
   print(f"\n## {layout}: {num_params / 1e6:.1f}M params, "
         f"{jax.device_count()} {jax.devices()[0].platform} device(s)")
   runs = {}
-  for name, tx in optimizers(mask).items():
+  for name, tx in optimizers(mask, variants, modes).items():
     state = jax.jit(tx.init)(params)
     step = jax.jit(tx.update, donate_argnums=(1,))
     start = time.perf_counter()
@@ -119,9 +128,22 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--rounds", type=int, default=7)
   parser.add_argument("--layouts", default="stacked,unstacked")
+  parser.add_argument("--variants", default=",".join(VARIANTS),
+                      help=f"comma-separated, among {', '.join(VARIANTS)}")
+  parser.add_argument("--modes", default="",
+                      help="comma-separated preconditioner modes to add at the defaults")
   args = parser.parse_args()
+  variants = [v for v in args.variants.split(",") if v]
+  unknown = set(variants) - set(VARIANTS)
+  if unknown:
+    parser.error(f"--variants: unknown {sorted(unknown)}; choose among {', '.join(VARIANTS)}")
+  modes = [m for m in args.modes.split(",") if m]
+  unknown = set(modes) - set(psgd.MODES)
+  if unknown:
+    parser.error(f"--modes: unknown {sorted(unknown)}; choose among "
+                 f"{', '.join(psgd.MODES)}")
   for layout in args.layouts.split(","):
-    bench(layout, args.rounds)
+    bench(layout, args.rounds, variants, modes)
 
 
 if __name__ == "__main__":

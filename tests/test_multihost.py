@@ -67,6 +67,7 @@ def losses_when_fed(config, shards: tuple[int, ...], steps: int) -> list[float]:
 
 
 @pytest.mark.slow
+@pytest.mark.exclusive
 def test_two_processes_train_like_one_and_one_process_resumes_them(tmp_path):
   workdir, port = tmp_path / "run", free_port()
   logs = [tmp_path / f"process_{i}.log" for i in range(2)]
@@ -138,6 +139,7 @@ def _logged_at_least(steps):
 
 
 @pytest.mark.slow
+@pytest.mark.exclusive
 @pytest.mark.parametrize("signum, codes", [(signal.SIGTERM, [0, 0]), (signal.SIGINT, [0, 130])],
                          ids=["sigterm", "ctrl_c"])
 def test_a_signal_to_one_process_stops_both_at_the_same_saved_step(tmp_path, signum, codes):
@@ -152,6 +154,7 @@ def test_a_signal_to_one_process_stops_both_at_the_same_saved_step(tmp_path, sig
 
 
 @pytest.mark.slow
+@pytest.mark.exclusive
 def test_a_preemption_before_a_resumed_runs_first_step_stops_it_at_that_step(tmp_path):
   """The sync service counts steps from this run's start: a notice during the restore
   of a run resumed at step 2 stops both processes after step 3, the first they take."""
