@@ -133,15 +133,16 @@ def main():
   parser.add_argument("--modes", default="",
                       help="comma-separated preconditioner modes to add at the defaults")
   args = parser.parse_args()
-  variants = [v for v in args.variants.split(",") if v]
-  unknown = set(variants) - set(VARIANTS)
-  if unknown:
-    parser.error(f"--variants: unknown {sorted(unknown)}; choose among {', '.join(VARIANTS)}")
-  modes = [m for m in args.modes.split(",") if m]
-  unknown = set(modes) - set(psgd.MODES)
-  if unknown:
-    parser.error(f"--modes: unknown {sorted(unknown)}; choose among "
-                 f"{', '.join(psgd.MODES)}")
+
+  def chosen(flag: str, text: str, allowed) -> list[str]:
+    names = [name for name in text.split(",") if name]
+    unknown = sorted(set(names) - set(allowed))
+    if unknown:
+      parser.error(f"{flag}: unknown {unknown}; choose among {', '.join(allowed)}")
+    return names
+
+  variants = chosen("--variants", args.variants, VARIANTS)
+  modes = chosen("--modes", args.modes, psgd.MODES)
   for layout in args.layouts.split(","):
     bench(layout, args.rounds, variants, modes)
 

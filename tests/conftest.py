@@ -16,6 +16,7 @@ os.environ["XLA_FLAGS"] = " ".join([
     "--xla_cpu_enable_concurrency_optimized_scheduler=false",
 ]).strip()
 CACHE = pathlib.Path(__file__).resolve().parent.parent / ".cache"
+CACHE.mkdir(exist_ok=True)  # holds the compilation cache and the machine's locks
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(CACHE / "jax"))
 
 import jax  # noqa: E402
@@ -35,7 +36,6 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_protocol(item, nextitem):
   exclusive = item.get_closest_marker("exclusive") is not None
-  CACHE.mkdir(exist_ok=True)
   with open(CACHE / "tests.turnstile", "a") as turnstile, \
        open(CACHE / "tests.lock", "a") as machine:
     fcntl.flock(turnstile, fcntl.LOCK_EX)
