@@ -20,6 +20,7 @@ Modes (geometry of the update; the names and rules are the reference's, psgd_tor
 Everything here works on one tensor; `kron.py` maps it over layers, blocks and params.
 """
 
+import math
 from typing import Callable, Literal, get_args
 
 import jax
@@ -31,6 +32,66 @@ Mode = Literal["Q0.5EQ1.5", "EQ", "QEQ", "QUAD", "PRO4P", "QUAD4P"]
 MODES: tuple[str, ...] = get_args(Mode)
 STORES_P = frozenset({"PRO4P", "QUAD4P"})
 _TINY = jnp.finfo(jnp.float32).smallest_normal
+
+
+# -------------------------------------------------------------------- random draws
+# The fit's random numbers (damping noise, probes, the start vectors of the norm bounds,
+# the dither of stochastic rounding) are hashes of a uint32 seed and each element's
+# index, not draws of jax.random: the compiler expands every call of its default PRNG
+# (threefry) into dozens of rounds of integer ops, which made up half of the refit's
+# program and a third of its compile time (docs/pod_slices.md). A hash is a few ops.
+
+
+def _hash32(x: jax.Array) -> jax.Array:
+  """An avalanche mix of uint32s (the finalizer of Appleby's MurmurHash3): each output
+  bit depends on every input bit."""
+  x = x ^ (x >> 16)
+  x = x * jnp.uint32(0x85EBCA6B)
+  x = x ^ (x >> 13)
+  x = x * jnp.uint32(0xC2B2AE35)
+  return x ^ (x >> 16)
+
+
+def seed_of(key: jax.Array) -> jax.Array:
+  """A uint32 seed from the bits of a jax.random key (typed or raw)."""
+  words = jax.random.key_data(key).reshape(-1)
+  return _hash32(words[0] ^ _hash32(words[-1] ^ jnp.uint32(0x9E3779B9)))
+
+
+def mix(seed, salt) -> jax.Array:
+  """A seed for the draw named `salt` (an int or uint32 array, broadcast against
+  `seed`): distinct salts give unrelated seeds."""
+  salt = jnp.asarray(salt).astype(jnp.uint32)
+  return _hash32(jnp.asarray(seed, jnp.uint32) + salt * jnp.uint32(0x9E3779B9))
+
+
+def random_bits(seed: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """uint32 array of `shape`: each element a hash of its index and the hashed seed (so
+  that the draws of two seeds, even neighbouring ones, are unrelated)."""
+  index = jnp.arange(math.prod(shape), dtype=jnp.uint32).reshape(shape)
+  return _hash32(index ^ _hash32(jnp.asarray(seed, jnp.uint32)))
+
+
+def random_normal(seed: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
+  """Standard normal draws: the top 24 bits of `random_bits` as an odd multiple of
+  2^-24 in (-1, 1), exact in float32, through sqrt(2) erfinv (what jax.random.normal
+  does to its uniform draws)."""
+  odd = (random_bits(seed, shape) >> 8).astype(jnp.int32) * 2 + (1 - 2**24)
+  uniform = odd.astype(jnp.float32) * 2.0**-24
+  return (jnp.sqrt(2.0) * jax.lax.erf_inv(uniform)).astype(dtype)
+
+
+def round_stochastically(x: jax.Array, seed: jax.Array) -> jax.Array:
+  """float32 -> bfloat16, rounding away from zero with probability equal to the part
+  cut off, so the rounding is unbiased: a refit's change below bfloat16's resolution
+  still moves a stored factor on average, where round-to-nearest would drop it every
+  time (Gupta et al., `Deep Learning with Limited Numerical Precision
+  <https://arxiv.org/abs/1502.02551>`_, 2015). The dither is `random_bits` of `seed`
+  (a fresh seed for every rounding)."""
+  dither = random_bits(seed, x.shape) >> 16
+  bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+  kept = (bits + dither) & jnp.uint32(0xFFFF0000)
+  return jax.lax.bitcast_convert_type(kept, jnp.float32).astype(jnp.bfloat16)
 
 
 # ----------------------------------------------------------------- linear algebra
@@ -80,7 +141,7 @@ def _gram(x: jax.Array, axis: int, dense: bool, operand_dtype=None) -> jax.Array
   return _contract(x, x, (others, others), operand_dtype)
 
 
-def _subspace_norm_bound(a: jax.Array, key: jax.Array, scale: jax.Array,
+def _subspace_norm_bound(a: jax.Array, seed: jax.Array, scale: jax.Array,
                          num_vectors: int, half_iters: int) -> jax.Array:
   """max ||v a|| over a few unit rows v after subspace iteration: a lower bound of ||a||_2.
 
@@ -89,7 +150,7 @@ def _subspace_norm_bound(a: jax.Array, key: jax.Array, scale: jax.Array,
   """
   a = a / scale
   pivot = a[jnp.argmax(jnp.sum(a * a, axis=1))]
-  v = jax.random.normal(key, (num_vectors, a.shape[0]), a.dtype)
+  v = random_normal(seed, (num_vectors, a.shape[0]), a.dtype)
   v = pivot + jnp.sign(v @ pivot)[:, None] * v
   for _ in range(half_iters):
     v = v @ a
@@ -98,20 +159,21 @@ def _subspace_norm_bound(a: jax.Array, key: jax.Array, scale: jax.Array,
   return scale * jnp.max(jnp.linalg.norm(v, axis=1))
 
 
-def norm_lower_bound_spd(a: jax.Array, key: jax.Array, num_vectors: int = 32,
+def norm_lower_bound_spd(a: jax.Array, seed: jax.Array, num_vectors: int = 32,
                          half_iters: int = 2) -> jax.Array:
-  """Cheap lower bound of the spectral norm of a symmetric positive semidefinite `a`."""
-  return _subspace_norm_bound(a, key, jnp.max(jnp.diagonal(a)) + _TINY, num_vectors,
+  """Cheap lower bound of the spectral norm of a symmetric positive semidefinite `a`
+  (`seed`: a uint32 for the random start vectors, as for all draws here)."""
+  return _subspace_norm_bound(a, seed, jnp.max(jnp.diagonal(a)) + _TINY, num_vectors,
                               half_iters)
 
 
-def norm_lower_bound_skew(a: jax.Array, key: jax.Array, num_vectors: int = 32,
+def norm_lower_bound_skew(a: jax.Array, seed: jax.Array, num_vectors: int = 32,
                           half_iters: int = 2) -> jax.Array:
   """Cheap lower bound of the spectral norm of a skew-symmetric `a`."""
-  return _subspace_norm_bound(a, key, jnp.max(jnp.abs(a)) + _TINY, num_vectors, half_iters)
+  return _subspace_norm_bound(a, seed, jnp.max(jnp.abs(a)) + _TINY, num_vectors, half_iters)
 
 
-def procrustes_step(q: jax.Array, key: jax.Array, max_step: float = 0.125,
+def procrustes_step(q: jax.Array, seed: jax.Array, max_step: float = 0.125,
                     operand_dtype=None) -> jax.Array:
   """One online step of min_U ||U q - I|| over rotations U = exp(a R), R = q^T - q.
 
@@ -119,7 +181,7 @@ def procrustes_step(q: jax.Array, key: jax.Array, max_step: float = 0.125,
   a line search on the second-order model keeps the step from overshooting.
   """
   r = q.T - q
-  r = r / (norm_lower_bound_skew(r, key) + _TINY)
+  r = r / (norm_lower_bound_skew(r, seed) + _TINY)
   rq = _matmul(r, q, operand_dtype)
   rrq = _matmul(r, rq, operand_dtype)
   tr_rq, tr_rrq = jnp.trace(rq), jnp.trace(rrq)
@@ -128,7 +190,7 @@ def procrustes_step(q: jax.Array, key: jax.Array, max_step: float = 0.125,
   return q + a * (rq + 0.5 * a * rrq)
 
 
-def procrustes_step3(q: jax.Array, key: jax.Array, max_step: float = 1 / 3,
+def procrustes_step3(q: jax.Array, seed: jax.Array, max_step: float = 1 / 3,
                      operand_dtype=None) -> jax.Array:
   """`procrustes_step` with U ~ I + aR + (aR)^2 / 2 + (aR)^3 / 8 (error ~ ||aR||^6 / 64).
 
@@ -137,7 +199,7 @@ def procrustes_step3(q: jax.Array, key: jax.Array, max_step: float = 1 / 3,
   tr(RQ) > 0 > tr(R^3 Q) fails). psgd_torch's `procrustes_step3`.
   """
   r = q.T - q
-  r = r / (norm_lower_bound_skew(r, key) + _TINY)
+  r = r / (norm_lower_bound_skew(r, seed) + _TINY)
   rq = _matmul(r, q, operand_dtype)
   rrq = _matmul(r, rq, operand_dtype)
   rrrq = _matmul(r, rrq, operand_dtype)
@@ -149,7 +211,7 @@ def procrustes_step3(q: jax.Array, key: jax.Array, max_step: float = 1 / 3,
   return q + a * (rq + 0.5 * a * (rrq + 0.25 * a * rrrq))
 
 
-def _symmetrize(q: jax.Array, key: jax.Array, operand_dtype=None,
+def _symmetrize(q: jax.Array, seed: jax.Array, operand_dtype=None,
                 max_steps: int = 10) -> jax.Array:
   """`procrustes_step3` until q is symmetric to 1e-3 of its largest entry (at least one
   step, at most max_steps), as psgd_torch's PRO4P does after each fitting step."""
@@ -158,7 +220,7 @@ def _symmetrize(q: jax.Array, key: jax.Array, operand_dtype=None,
 
   def body(carry):
     i, q = carry
-    return i + 1, procrustes_step3(q, jax.random.fold_in(key, i), operand_dtype=operand_dtype)
+    return i + 1, procrustes_step3(q, mix(seed, i), operand_dtype=operand_dtype)
 
   first = body((0, q))
   return jax.lax.while_loop(lambda c: (c[0] < max_steps) & ~near_symmetric(c[1]), body,
@@ -202,34 +264,7 @@ def balance(factors: Factors, when: jax.Array | bool = True) -> Factors:
                for f, n in zip(factors, norms))
 
 
-def _hash32(x: jax.Array) -> jax.Array:
-  """An avalanche mix of uint32s (the finalizer of Appleby's MurmurHash3): each output
-  bit depends on every input bit. Far cheaper than a counter-based PRNG per element."""
-  x = x ^ (x >> 16)
-  x = x * jnp.uint32(0x85EBCA6B)
-  x = x ^ (x >> 13)
-  x = x * jnp.uint32(0xC2B2AE35)
-  return x ^ (x >> 16)
-
-
-def round_stochastically(x: jax.Array, key: jax.Array, salt: int = 0) -> jax.Array:
-  """float32 -> bfloat16, rounding away from zero with probability equal to the part
-  cut off, so the rounding is unbiased: a refit's change below bfloat16's resolution
-  still moves a stored factor on average, where round-to-nearest would drop it every
-  time (Gupta et al., `Deep Learning with Limited Numerical Precision
-  <https://arxiv.org/abs/1502.02551>`_, 2015). The dither is a hash of each element's
-  index, the bits of `key` (a fresh key for every rounding) and `salt` (to round
-  several arrays with one key)."""
-  words = jax.random.key_data(key).reshape(-1)
-  seed = _hash32(words[0] ^ _hash32(words[-1] ^ jnp.uint32(salt)))
-  index = jnp.arange(x.size, dtype=jnp.uint32).reshape(x.shape)
-  dither = _hash32(index ^ seed) >> 16
-  bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
-  kept = (bits + dither) & jnp.uint32(0xFFFF0000)
-  return jax.lax.bitcast_convert_type(kept, jnp.float32).astype(jnp.bfloat16)
-
-
-def rank_one_noise(key: jax.Array, shape: tuple[int, ...], dtype) -> jax.Array:
+def rank_one_noise(seed: jax.Array, shape: tuple[int, ...], dtype) -> jax.Array:
   """u_0 (x) u_1 (x) ... with standard normal vectors u_k of the dims' sizes.
 
   Along every dim its second moments equal those of i.i.d. normal noise (numel / d_k
@@ -237,10 +272,9 @@ def rank_one_noise(key: jax.Array, shape: tuple[int, ...], dtype) -> jax.Array:
   instead of prod(shape): the reference draws i.i.d. noise, which at GPT sizes costs
   more than the rest of a refit on a CPU (docs/psgd_library.md).
   """
-  keys = jax.random.split(key, len(shape))
-  noise = jax.random.normal(keys[0], shape[:1], dtype)
-  for k, d in zip(keys[1:], shape[1:]):
-    noise = noise[..., None] * jax.random.normal(k, (d,), dtype)
+  noise = random_normal(mix(seed, 0), shape[:1], dtype)
+  for k, d in enumerate(shape[1:], start=1):
+    noise = noise[..., None] * random_normal(mix(seed, k), (d,), dtype)
   return noise
 
 
@@ -250,18 +284,18 @@ def _lipschitz(ell: jax.Array, old: jax.Array, beta: float) -> jax.Array:
 
 # ---------------------------------------------------------- per-mode factor rules
 # Each rule moves one factor given term1, term2 (a scalar times I), the step lr / L,
-# a key and the matmul operand dtype; dense factors are matrices, the others vectors.
+# a seed and the matmul operand dtype; dense factors are matrices, the others vectors.
 # They are psgd_torch's `update_precond_kron_whiten_*` rules.
 
 
-def _rule_q0p5eq1p5(f, t1, t2, step, key, dt):
+def _rule_q0p5eq1p5(f, t1, t2, step, seed, dt):
   if f.ndim == 1:
     return f * (1 - step * (t1 - t2))
-  return procrustes_step(f - step * (_matmul(t1, f, dt) - t2 * f), key, operand_dtype=dt)
+  return procrustes_step(f - step * (_matmul(t1, f, dt) - t2 * f), seed, operand_dtype=dt)
 
 
-def _rule_qeq(f, t1, t2, step, key, dt):
-  del key
+def _rule_qeq(f, t1, t2, step, seed, dt):
+  del seed
   if f.ndim == 1:
     return f * (1 - step * (t1 - t2))
   return f - step * (_matmul(f, t1, dt) - t2 * f)
@@ -275,20 +309,20 @@ def _quadratic(f, t1, t2, half_step, dt):
   return (p + p.T) / 2
 
 
-def _rule_quad(f, t1, t2, step, key, dt):
-  del key
+def _rule_quad(f, t1, t2, step, seed, dt):
+  del seed
   return _quadratic(f, t1, t2, step / 2, dt)
 
 
-def _rule_quad4p(f, t1, t2, step, key, dt):
-  del key
+def _rule_quad4p(f, t1, t2, step, seed, dt):
+  del seed
   return _quadratic(f, t1, t2, step, dt)
 
 
-def _rule_pro4p(f, t1, t2, step, key, dt):
+def _rule_pro4p(f, t1, t2, step, seed, dt):
   if f.ndim == 1:
     return f * (1 - step * (t1 - t2))
-  return _symmetrize(f - step * (_matmul(t1, f, dt) - t2 * f), key, dt)
+  return _symmetrize(f - step * (_matmul(t1, f, dt) - t2 * f), seed, dt)
 
 
 _RULES: dict[str, Callable] = {
@@ -306,12 +340,13 @@ def _damped(h: jax.Array, noise: jax.Array, damping: float, grad_eps: float) -> 
   return h + (damping + grad_eps * jnp.abs(h)) * noise
 
 
-def fit(mode: str, factors: Factors, lipschitz: jax.Array, h: jax.Array, key: jax.Array, *,
+def fit(mode: str, factors: Factors, lipschitz: jax.Array, h: jax.Array, seed: jax.Array, *,
         lr: float, beta: float, damping: float, grad_eps: float,
         p_factors: Factors | None = None, operand_dtype=None,
         fitted: tuple[bool, ...] | None = None) -> tuple[Factors, jax.Array]:
   """One fitting step of a tensor's factors (one per dim) and their Lipschitz memory
-  (shape (num_factors,)) on h, the gradient or momentum (float32 or float64).
+  (shape (num_factors,)) on h, the gradient or momentum (float32 or float64), with the
+  random draws made from `seed` (a uint32; see `random_bits`).
 
   Factor k moves only if fitted[k] (`Layout.fitted`: a size-1 dim's factor stays).
   `p_factors`, if given, are the factors' `preconditioner_factors` (cached by the
@@ -321,10 +356,10 @@ def fit(mode: str, factors: Factors, lipschitz: jax.Array, h: jax.Array, key: ja
   """
   fitted = fitted or (True,) * len(factors)
   if mode == "EQ":
-    return _fit_eq(factors, lipschitz, h, key, lr=lr, beta=beta, damping=damping,
+    return _fit_eq(factors, lipschitz, h, seed, lr=lr, beta=beta, damping=damping,
                    grad_eps=grad_eps, operand_dtype=operand_dtype, fitted=fitted)
-  k_noise, k_norm, k_rule = jax.random.split(key, 3)
-  h = _damped(h, rank_one_noise(k_noise, h.shape, h.dtype), damping, grad_eps)
+  noise_seed, norm_seed, rule_seed = (mix(seed, i) for i in range(3))
+  h = _damped(h, rank_one_noise(noise_seed, h.shape, h.dtype), damping, grad_eps)
   if p_factors is None:
     p_factors = preconditioner_factors(mode, factors, operand_dtype)
   pg = apply_preconditioner(p_factors, h, operand_dtype)
@@ -337,19 +372,19 @@ def fit(mode: str, factors: Factors, lipschitz: jax.Array, h: jax.Array, key: ja
     dense = f.ndim == 2
     t1 = _gram(pg, k, dense, operand_dtype)
     t2 = pg.size / pg.shape[k]
-    bound = norm_lower_bound_spd(t1, jax.random.fold_in(k_norm, k)) if dense else jnp.max(t1)
+    bound = norm_lower_bound_spd(t1, mix(norm_seed, k)) if dense else jnp.max(t1)
     lip = _lipschitz(bound + t2, lipschitz[k], beta)
-    new_factors.append(_RULES[mode](f, t1, t2, lr / lip, jax.random.fold_in(k_rule, k),
+    new_factors.append(_RULES[mode](f, t1, t2, lr / lip, mix(rule_seed, k),
                                     operand_dtype))
     new_lipschitz.append(lip)
   return tuple(new_factors), jnp.stack(new_lipschitz)
 
 
-def _fit_eq(factors, lipschitz, h, key, *, lr, beta, damping, grad_eps, operand_dtype,
+def _fit_eq(factors, lipschitz, h, seed, *, lr, beta, damping, grad_eps, operand_dtype,
             fitted):
   """dQ = E Q with triangular Q: fits Q h h^T Q^T against Q^-T v v^T Q^-1 for probe v."""
-  k_probe, k_norm = jax.random.split(key)
-  v = jax.random.normal(k_probe, h.shape, h.dtype)  # the probe: i.i.d., as the reference
+  probe_seed, norm_seed = mix(seed, 0), mix(seed, 1)
+  v = random_normal(probe_seed, h.shape, h.dtype)  # the probe: i.i.d., as the reference
   a, b = _damped(h, v, damping, grad_eps), v
   for axis, q in enumerate(factors):
     a = along(q, a, axis, operand_dtype)  # Q h
@@ -362,7 +397,7 @@ def _fit_eq(factors, lipschitz, h, key, *, lr, beta, damping, grad_eps, operand_
       continue
     dense = f.ndim == 2
     t1, t2 = _gram(a, k, dense, operand_dtype), _gram(b, k, dense, operand_dtype)
-    bound = (norm_lower_bound_spd(t1 + t2, jax.random.fold_in(k_norm, k)) if dense else
+    bound = (norm_lower_bound_spd(t1 + t2, mix(norm_seed, k)) if dense else
              jnp.max(t1 + t2))
     lip = _lipschitz(bound, lipschitz[k], beta)
     step = lr / lip

@@ -255,9 +255,9 @@ def _compute_dtype(dtype):
   return jnp.promote_types(dtype, jnp.float32)
 
 
-def _block_keys(key: jax.Array, layouts):
-  """A key per block, numbered across all params in order, so a stacked parameter
-  draws what the same layers given as separate parameters would."""
+def _block_seeds(seed: jax.Array, layouts):
+  """A seed per block (`fitting.random_bits`), numbered across all params in order, so a
+  stacked parameter draws what the same layers given as separate parameters would."""
   leaves, treedef = jax.tree.flatten(layouts, is_leaf=_is_layout)
   starts = itertools.accumulate((lay.batch for lay in leaves), initial=0)
 
@@ -265,7 +265,7 @@ def _block_keys(key: jax.Array, layouts):
     per_layer = jnp.arange(lay.batch).reshape(lay.layers, math.prod(lay.shards), -1)
     return start + per_layer.transpose(1, 0, 2).reshape(-1)
 
-  return treedef.unflatten([jax.vmap(jax.random.fold_in, (None, 0))(key, numbers(lay, start))
+  return treedef.unflatten([fitting.mix(seed, numbers(lay, start))
                             for lay, start in zip(leaves, starts)])
 
 
@@ -282,20 +282,19 @@ def _stored(s: KronSettings, factors):
   return jax.tree.map(lambda f: f.astype(s.precond_dtype), factors)
 
 
-def _stored_refitted(s: KronSettings, layouts, factors, keys):
+def _stored_refitted(s: KronSettings, layouts, factors, seeds):
   """Refitted factors in their storage dtype: rounded to bfloat16 stochastically
-  (`fitting.round_stochastically`) from float32, with each block's own key, so a
+  (`fitting.round_stochastically`) from float32, with each block's own seed, so a
   stacked parameter rounds as its layers given separately would."""
   if s.precond_dtype != jnp.bfloat16:
     return _stored(s, factors)
 
-  def one(lay, fs, keys):
-    return tuple(
-        jax.vmap(functools.partial(fitting.round_stochastically, salt=k))(f, keys)
-        if f.dtype == jnp.float32 else f.astype(s.precond_dtype)
-        for k, f in enumerate(fs))
+  def one(lay, fs, seeds):
+    return tuple(jax.vmap(fitting.round_stochastically)(f, fitting.mix(seeds, k))
+                 if f.dtype == jnp.float32 else f.astype(s.precond_dtype)
+                 for k, f in enumerate(fs))
 
-  return _map_params(one, layouts, factors, keys)
+  return _map_params(one, layouts, factors, seeds)
 
 
 def _p_factors(s: KronSettings, factors, operand_dtype=None):
@@ -405,24 +404,24 @@ def _refit_decision(s: KronSettings, count, key) -> jax.Array:
   return jax.random.uniform(key) < _scheduled(s.update_probability, count)
 
 
-def _refit(s: KronSettings, layouts, targets, grad_eps, keys, balance_key, lr, carry):
+def _refit(s: KronSettings, layouts, targets, grad_eps, seeds, balance_key, lr, carry):
   """One fitting step (of size `lr`) of every parameter's factors on `targets`, then,
   rarely, a rebalancing of each pair against over/underflow. carry: (factors,
   lipschitz, precond)."""
   factors, lipschitz, precond = carry
 
-  def fit_param(lay, fs, lip, h, keys, eps, pfs):
-    def fit_block(fs, lip, h, key, pfs):
-      return fitting.fit(s.mode, fs, lip, h, key, lr=lr,
+  def fit_param(lay, fs, lip, h, seeds, eps, pfs):
+    def fit_block(fs, lip, h, seed, pfs):
+      return fitting.fit(s.mode, fs, lip, h, seed, lr=lr,
                          beta=s.beta_lipschitz, damping=s.damping, grad_eps=eps,
                          p_factors=pfs or None, operand_dtype=s.fit_operand_dtype,
                          fitted=lay.fitted)
     compute = tuple(f.astype(_compute_dtype(h.dtype)) for f in fs)
     return _map_blocks(s, lay, fit_block, compute, lip, layout_lib.to_blocks(h, lay),
-                         keys, pfs)
+                       fitting.mix(seeds, 0), pfs)
 
   with jax.default_matmul_precision(s.fit_precision):
-    fitted = _map_params(fit_param, layouts, factors, lipschitz, targets, keys, grad_eps,
+    fitted = _map_params(fit_param, layouts, factors, lipschitz, targets, seeds, grad_eps,
                          precond)
   new_factors = _map_params(lambda lay, out: out[0], layouts, fitted)
   new_lipschitz = _map_params(lambda lay, out, old: out[1].astype(old.dtype), layouts,
@@ -430,7 +429,8 @@ def _refit(s: KronSettings, layouts, targets, grad_eps, keys, balance_key, lr, c
   rebalance = jax.random.uniform(balance_key) < BALANCE_PROBABILITY
   new_factors = _map_params(lambda lay, f: jax.vmap(fitting.balance, (0, None))(f, rebalance),
                             layouts, new_factors)
-  new_factors = _stored_refitted(s, layouts, new_factors, keys)
+  new_factors = _stored_refitted(s, layouts, new_factors,
+                                 jax.tree.map(lambda b: fitting.mix(b, 1), seeds))
   return new_factors, new_lipschitz, _cached(s, layouts, new_factors)
 
 
@@ -678,7 +678,7 @@ def scale_by_kron(
     fit = functools.partial(
         _refit, s, layouts, grads if s.whiten_grad else direction,
         jax.tree.map(lambda g: _noise_eps(s, g.dtype), updates),
-        _block_keys(k_fit, layouts), k_balance,
+        _block_seeds(fitting.seed_of(k_fit), layouts), k_balance,
         _scheduled(s.preconditioner_lr, state.num_updates))
 
     def refit(carry):
