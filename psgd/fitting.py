@@ -264,20 +264,6 @@ def balance(factors: Factors, when: jax.Array | bool = True) -> Factors:
                for f, n in zip(factors, norms))
 
 
-def rank_one_noise(seed: jax.Array, shape: tuple[int, ...], dtype) -> jax.Array:
-  """u_0 (x) u_1 (x) ... with standard normal vectors u_k of the dims' sizes.
-
-  Along every dim its second moments equal those of i.i.d. normal noise (numel / d_k
-  times I), and so do the fit's terms in expectation, for sum(shape) random numbers
-  instead of prod(shape): the reference draws i.i.d. noise, which at GPT sizes costs
-  more than the rest of a refit on a CPU (docs/psgd_library.md).
-  """
-  noise = random_normal(mix(seed, 0), shape[:1], dtype)
-  for k, d in enumerate(shape[1:], start=1):
-    noise = noise[..., None] * random_normal(mix(seed, k), (d,), dtype)
-  return noise
-
-
 def _lipschitz(ell: jax.Array, old: jax.Array, beta: float) -> jax.Array:
   return jnp.maximum(beta * old + (1 - beta) * ell, ell)
 
@@ -335,8 +321,9 @@ _RULES: dict[str, Callable] = {
 
 
 def _damped(h: jax.Array, noise: jax.Array, damping: float, grad_eps: float) -> jax.Array:
-  """h plus noise of size damping + grad_eps * |h|: it bounds P above by about
-  I / damping and keeps the fit well posed when h is zero or low rank."""
+  """h plus noise (i.i.d. standard normal, as the reference) of size
+  damping + grad_eps * |h|: it bounds P above by about I / damping and keeps the fit
+  well posed when h is zero or low rank."""
   return h + (damping + grad_eps * jnp.abs(h)) * noise
 
 
@@ -359,7 +346,7 @@ def fit(mode: str, factors: Factors, lipschitz: jax.Array, h: jax.Array, seed: j
     return _fit_eq(factors, lipschitz, h, seed, lr=lr, beta=beta, damping=damping,
                    grad_eps=grad_eps, operand_dtype=operand_dtype, fitted=fitted)
   noise_seed, norm_seed, rule_seed = (mix(seed, i) for i in range(3))
-  h = _damped(h, rank_one_noise(noise_seed, h.shape, h.dtype), damping, grad_eps)
+  h = _damped(h, random_normal(noise_seed, h.shape, h.dtype), damping, grad_eps)
   if p_factors is None:
     p_factors = preconditioner_factors(mode, factors, operand_dtype)
   pg = apply_preconditioner(p_factors, h, operand_dtype)

@@ -228,19 +228,6 @@ def test_hashed_normal_draws_are_standard_normal_and_independent_across_seeds():
     assert len(np.intersect1d(x, y)) < 2 * n * n / 2**24
 
 
-def test_rank_one_noise_has_the_second_moments_of_iid_noise_along_every_dim():
-  # What the fit's terms see of the damping noise is its Gram matrix along each dim; for
-  # u (x) v (x) w it is (numel / d_k) I in expectation, as for i.i.d. normal noise.
-  shape = (3, 4, 5)
-  draws = jax.vmap(lambda seed: fitting.rank_one_noise(seed, shape, jnp.float32))(
-      jnp.arange(20000, dtype=jnp.uint32))
-  assert draws.shape == (20000, *shape)
-  for axis, d in enumerate(shape):
-    moved = np.moveaxis(np.asarray(draws), 1 + axis, 1).reshape(20000, d, -1)
-    gram = np.einsum("nik,njk->ij", moved, moved) / 20000
-    np.testing.assert_allclose(gram, np.eye(d) * 60 / d, atol=0.1 * 60 / d)
-
-
 def test_stochastic_rounding_is_unbiased_and_lands_on_a_neighbour():
   # 1 + 2^-10 lies between the bfloat16 neighbours 1 and 1 + 2^-7, an eighth of the way
   # up: rounded many times it lands on one of them, on average at the value itself.

@@ -177,3 +177,15 @@ def test_preconditioner_matches_the_reference_step_by_step(mode, case, monkeypat
   np.testing.assert_allclose(ours, reference, rtol=1e-10, atol=1e-10 * np.abs(reference).max())
   # The fit moved P well away from I: the comparison has teeth.
   assert np.abs(reference - np.eye(len(reference))).max() > 0.1
+
+
+def test_damping_noise_is_iid_standard_normal_as_the_references(monkeypatch):
+  # psgd_torch draws the damping noise with randn_like: i.i.d. standard normal entries,
+  # so a matrix gradient's noise has full rank (rank-one noise, u v^T, would not).
+  grads = np.random.default_rng(1).normal(size=(REFITS, 32, 24))
+  _, noises = our_fit("Q0.5EQ1.5", grads, monkeypatch, max_skew_triangular=float("inf"))
+  noises = np.stack([n.reshape(32, 24) for n in noises])
+  assert all(np.linalg.matrix_rank(n) == 24 for n in noises)
+  assert abs(noises.mean()) < 5 / np.sqrt(noises.size)
+  assert abs(noises.var() - 1) < 5 * np.sqrt(2 / noises.size)
+  assert abs(np.corrcoef(noises[0].ravel(), noises[1].ravel())[0, 1]) < 5 / np.sqrt(768)
