@@ -53,9 +53,12 @@ def _hash32(x: jax.Array) -> jax.Array:
 
 
 def seed_of(key: jax.Array) -> jax.Array:
-  """A uint32 seed from the bits of a jax.random key (typed or raw)."""
+  """A uint32 seed from all the bits of a jax.random key (typed or raw, any PRNG)."""
   words = jax.random.key_data(key).reshape(-1)
-  return _hash32(words[0] ^ _hash32(words[-1] ^ jnp.uint32(0x9E3779B9)))
+  seed = jnp.uint32(0x9E3779B9)
+  for i in range(words.shape[0]):
+    seed = _hash32(seed ^ words[i])
+  return seed
 
 
 def mix(seed, salt) -> jax.Array:
