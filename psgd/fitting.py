@@ -38,8 +38,8 @@ _TINY = jnp.finfo(jnp.float32).smallest_normal
 # The fit's random numbers (damping noise, probes, the start vectors of the norm bounds,
 # the dither of stochastic rounding) are hashes of a uint32 seed and each element's
 # index, not draws of jax.random: the compiler expands every call of its default PRNG
-# (threefry) into dozens of rounds of integer ops, which made up half of the refit's
-# program and a third of its compile time (docs/pod_slices.md). A hash is a few ops.
+# (threefry) into many rounds of integer ops, a large share of the refit's program and
+# of its compile time (docs/pod_slices.md). A hash is a few ops.
 
 
 def _hash32(x: jax.Array) -> jax.Array:
@@ -69,10 +69,12 @@ def mix(seed, salt) -> jax.Array:
 
 
 def random_bits(seed: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-  """uint32 array of `shape`: each element a hash of its index and the hashed seed (so
-  that the draws of two seeds, even neighbouring ones, are unrelated)."""
+  """uint32 array of `shape`: each element its index hashed twice, with the hashed seed
+  mixed in before each round. One round would not do: two seeds whose hashes differ
+  only in low bits would draw the same numbers in another order."""
+  seed = _hash32(jnp.asarray(seed, jnp.uint32))
   index = jnp.arange(math.prod(shape), dtype=jnp.uint32).reshape(shape)
-  return _hash32(index ^ _hash32(jnp.asarray(seed, jnp.uint32)))
+  return _hash32(_hash32(index ^ seed) ^ _hash32(seed + jnp.uint32(0x9E3779B9)))
 
 
 def random_normal(seed: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
@@ -81,7 +83,7 @@ def random_normal(seed: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) ->
   does to its uniform draws)."""
   odd = (random_bits(seed, shape) >> 8).astype(jnp.int32) * 2 + (1 - 2**24)
   uniform = odd.astype(jnp.float32) * 2.0**-24
-  return (jnp.sqrt(2.0) * jax.lax.erf_inv(uniform)).astype(dtype)
+  return (math.sqrt(2.0) * jax.lax.erf_inv(uniform)).astype(dtype)
 
 
 def round_stochastically(x: jax.Array, seed: jax.Array) -> jax.Array:

@@ -409,6 +409,9 @@ def _refit(s: KronSettings, layouts, targets, grad_eps, seeds, balance_key, lr, 
   rarely, a rebalancing of each pair against over/underflow. carry: (factors,
   lipschitz, precond)."""
   factors, lipschitz, precond = carry
+  # Each block's seed gives two: salt 0 for the fit's draws, salt 1 for rounding.
+  fit_seeds = jax.tree.map(lambda b: fitting.mix(b, 0), seeds)
+  rounding_seeds = jax.tree.map(lambda b: fitting.mix(b, 1), seeds)
 
   def fit_param(lay, fs, lip, h, seeds, eps, pfs):
     def fit_block(fs, lip, h, seed, pfs):
@@ -418,19 +421,18 @@ def _refit(s: KronSettings, layouts, targets, grad_eps, seeds, balance_key, lr, 
                          fitted=lay.fitted)
     compute = tuple(f.astype(_compute_dtype(h.dtype)) for f in fs)
     return _map_blocks(s, lay, fit_block, compute, lip, layout_lib.to_blocks(h, lay),
-                       fitting.mix(seeds, 0), pfs)
+                       seeds, pfs)
 
   with jax.default_matmul_precision(s.fit_precision):
-    fitted = _map_params(fit_param, layouts, factors, lipschitz, targets, seeds, grad_eps,
-                         precond)
+    fitted = _map_params(fit_param, layouts, factors, lipschitz, targets, fit_seeds,
+                         grad_eps, precond)
   new_factors = _map_params(lambda lay, out: out[0], layouts, fitted)
   new_lipschitz = _map_params(lambda lay, out, old: out[1].astype(old.dtype), layouts,
                               fitted, lipschitz)
   rebalance = jax.random.uniform(balance_key) < BALANCE_PROBABILITY
   new_factors = _map_params(lambda lay, f: jax.vmap(fitting.balance, (0, None))(f, rebalance),
                             layouts, new_factors)
-  new_factors = _stored_refitted(s, layouts, new_factors,
-                                 jax.tree.map(lambda b: fitting.mix(b, 1), seeds))
+  new_factors = _stored_refitted(s, layouts, new_factors, rounding_seeds)
   return new_factors, new_lipschitz, _cached(s, layouts, new_factors)
 
 

@@ -228,6 +228,28 @@ def test_hashed_normal_draws_are_standard_normal_and_independent_across_seeds():
     assert len(np.intersect1d(x, y)) < 2 * n * n / 2**24
 
 
+def _unhash32(x: int) -> int:
+  """Inverse of fitting._hash32 (each of its steps is a bijection of uint32)."""
+  m = 2**32
+  x ^= x >> 16
+  x = x * pow(0xC2B2AE35, -1, m) % m
+  x ^= (x >> 13) ^ (x >> 26)
+  x = x * pow(0x85EBCA6B, -1, m) % m
+  return x ^ (x >> 16)
+
+
+def test_random_bits_of_seeds_whose_hashes_differ_in_low_bits_are_unrelated():
+  # Seeds built so that their hashes differ in the lowest bit only: with one round of
+  # hashing (index ^ hash(seed)) their draws would be one permutation of each other.
+  first = 12345
+  hashed = int(fitting._hash32(jnp.uint32(first)))
+  second = _unhash32(hashed ^ 1)
+  assert int(fitting._hash32(jnp.uint32(second))) == hashed ^ 1
+  n = 4096
+  a, b = (np.asarray(fitting.random_bits(jnp.uint32(s), (n,))) for s in (first, second))
+  assert len(np.intersect1d(a, b)) < 10  # of 2^32 values, n^2 / 2^32 ~ 0 in common
+
+
 def test_stochastic_rounding_is_unbiased_and_lands_on_a_neighbour():
   # 1 + 2^-10 lies between the bfloat16 neighbours 1 and 1 + 2^-7, an eighth of the way
   # up: rounded many times it lands on one of them, on average at the value itself.

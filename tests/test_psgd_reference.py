@@ -128,7 +128,7 @@ def our_fit(mode: str, grads: np.ndarray, monkeypatch, **layout) -> tuple[np.nda
     jax.debug.callback(lambda n: noises.append(np.asarray(n)), noise)
     return damped(h, noise, damping, grad_eps)
 
-  exact_norm = lambda a, key, **kwargs: jnp.linalg.norm(a, 2)
+  exact_norm = lambda a, seed, **kwargs: jnp.linalg.norm(a, 2)
   monkeypatch.setattr(fitting, "_damped", recording)
   monkeypatch.setattr(fitting, "norm_lower_bound_spd", exact_norm)
   monkeypatch.setattr(fitting, "norm_lower_bound_skew", exact_norm)
