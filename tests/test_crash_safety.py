@@ -188,6 +188,33 @@ def _fill(directory: pathlib.Path) -> None:
     assert e.errno == errno.ENOSPC, e
 
 
+def test_a_failed_saves_directory_recreated_by_late_writes_is_removed_at_exit(tmp_path):
+  # TensorStore's threads can still write into a failed save's temporary directory after
+  # the failure was reported and the directory removed (the full-disk test below saw it
+  # left behind). Here such a writer recreates it after each of the first two removals;
+  # leaving the checkpointer must still leave none.
+  checkpointer = checkpoint_lib.Checkpointer(str(tmp_path), save_every=4, max_to_keep=2,
+                                             keep_every=None)
+  unfinished = tmp_path / "checkpoints" / "8.orbax-checkpoint-tmp"
+  remove, removals = checkpointer._remove_unfinished, []
+
+  def remove_then_late_write():
+    found = remove()
+    removals.append(found)
+    if len(removals) <= 2:
+      (unfinished / "state").mkdir(parents=True, exist_ok=True)
+      (unfinished / "state" / "chunk").write_bytes(b"\0" * 1024)
+    return found
+
+  checkpointer._remove_unfinished = remove_then_late_write
+  unfinished.mkdir(parents=True)
+  with pytest.raises(checkpoint_lib.CheckpointSaveError, match="No space left"):
+    with checkpointer:
+      checkpointer._fail(OSError(errno.ENOSPC, "No space left on device"))
+  assert not unfinished.exists()
+  assert removals[:3] == [True, True, True] and removals[-2:] == [False, False]
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
 def test_a_failed_save_into_a_full_disk_stops_the_run_and_keeps_the_last_step(tmp_path):

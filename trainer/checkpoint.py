@@ -103,6 +103,7 @@ class Checkpointer:
                keep_every: Optional[int], async_save: bool = True):
     self.directory = os.path.join(workdir, "checkpoints")
     self._aside = epath.Path(workdir) / ASIDE
+    self._failed = False  # a save failed: its temporary directory is removed at exit
     if jax.process_index() == 0:
       self._clear_incomplete()
     if jax.process_count() > 1:
@@ -174,15 +175,24 @@ class Checkpointer:
     except Exception as error:
       self._fail(error)
 
-  def _fail(self, error: Exception) -> None:
-    if jax.process_index() == 0:  # free the space a half-written step holds
-      root = epath.Path(self.directory)
-      for entry in (root.iterdir() if root.exists() else ()):
+  def _remove_unfinished(self) -> bool:
+    """Delete the temporary directories of unfinished saves, freeing the space they
+    hold (process 0; best effort). Whether there were any."""
+    root = epath.Path(self.directory)
+    found = False
+    if jax.process_index() == 0 and root.exists():
+      for entry in root.iterdir():
         if _TMP_MARK in entry.name:
+          found = True
           try:
             entry.rmtree(missing_ok=True)
           except OSError as cleanup_error:  # e.g. read-only: the next start removes it
             logging.warning("Could not remove %s: %s", entry, cleanup_error)
+    return found
+
+  def _fail(self, error: Exception) -> None:
+    self._failed = True
+    self._remove_unfinished()
     committed = self.committed_steps()
     kept = (f"The last committed step, {committed[-1]}, is intact" if committed else
             "No step was committed yet")
@@ -213,6 +223,14 @@ class Checkpointer:
       self.close()
     except Exception as error:  # pylint: disable=broad-except
       logging.warning("While stopping after an error: %s", _one_line(error))
+    if self._failed:
+      # Writes of the failed save still in flight in TensorStore's own threads can
+      # recreate its temporary directory after `_fail` removed it: remove it until two
+      # checks in a row find none, so the failed run frees its space.
+      clean, deadline = 0, time.monotonic() + 10
+      while clean < 2 and time.monotonic() < deadline:
+        clean = 0 if self._remove_unfinished() else clean + 1
+        time.sleep(0.25)
 
   # ---------------------------------------------------------------- restoring
   def restore_latest(self, abstract_state: Any, data_iterator: Any, config: dict,
