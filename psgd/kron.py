@@ -504,8 +504,8 @@ def scale_by_kron(
 
   A step, in order: the momentum m (an EMA of the gradients); until it is set, the
   scale of P from the first nonzero gradients; with probability
-  `preconditioner_update_probability`, one fitting step of every factor on the
-  gradient (or on m, see `whiten_grad`); then the output P m (or P times m's
+  `preconditioner_update_probability` (and always on the step that sets the scale),
+  one fitting step of every factor on the gradient (or on m, see `whiten_grad`); then the output P m (or P times m's
   look-ahead, see `nesterov`), clipped per block to RMS `max_update_rms` and, with
   `lr_style='adam'`, scaled to Adam's update size (or each block scaled to RMS
   `update_rms`).
@@ -676,7 +676,9 @@ def scale_by_kron(
     chosen = _refit_decision(s, state.count, k_decide)
     found, scale = _unset_scale(s, layouts, grads, state.initialized)
     initialized = state.initialized | found
-    refit_now = chosen & initialized
+    # The step whose gradients set P's scale always refits, so that the scale goes into
+    # the factors in the one branch that changes them.
+    refit_now = initialized & (chosen | ~state.initialized)
     fit = functools.partial(
         _refit, s, layouts, grads if s.whiten_grad else direction,
         jax.tree.map(lambda g: _noise_eps(s, g.dtype), updates),
@@ -689,16 +691,11 @@ def scale_by_kron(
         precond = _rescaled(s, layouts, precond, None if scale is None else scale**2)
       return fit((_rescaled(s, layouts, factors, scale), lipschitz, precond))
 
-    def rescale(carry):  # the first nonzero gradients set P's scale, without a refit
-      factors, lipschitz, _ = carry
-      factors = _stored(s, _rescaled(s, layouts, factors, scale))
-      return factors, lipschitz, _cached(s, layouts, factors)
-
-    # One conditional for everything that changes the factors (each conditional they
-    # pass through unchanged costs a copy of them), with the refit in one branch only.
-    branch = jnp.where(refit_now, 1, jnp.where(initialized & ~state.initialized, 2, 0))
-    factors, lipschitz, precond = jax.lax.switch(
-        branch, [lambda carry: carry, refit, rescale], (factors, state.lipschitz, precond))
+    # One conditional for everything that changes the factors: each conditional they
+    # pass through unchanged costs a copy of them, and each branch that changes them
+    # costs compile time.
+    factors, lipschitz, precond = jax.lax.cond(
+        refit_now, refit, lambda carry: carry, (factors, state.lipschitz, precond))
     new_updates = _precondition(s, layouts, factors, precond, direction, updates)
     return new_updates, KronState(
         count=optax.safe_int32_increment(state.count),

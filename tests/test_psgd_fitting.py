@@ -228,6 +228,15 @@ def test_hashed_normal_draws_are_standard_normal_and_independent_across_seeds():
     assert len(np.intersect1d(x, y)) < 2 * n * n / 2**24
 
 
+def test_random_signs_are_balanced_and_unrelated_across_seeds():
+  # The norm bounds' start vectors: +-1 only, half each, independent across seeds.
+  n = 100_000
+  x = np.asarray(fitting.random_signs(jnp.uint32(3), (n,)))
+  y = np.asarray(fitting.random_signs(fitting.mix(jnp.uint32(3), 1), (n,)))
+  assert set(np.unique(x)) == {-1.0, 1.0}
+  assert abs(x.mean()) < 5 / np.sqrt(n) and abs(np.mean(x * y)) < 5 / np.sqrt(n)
+
+
 def _unhash32(x: int) -> int:
   """Inverse of fitting._hash32 (each of its steps is a bijection of uint32)."""
   m = 2**32

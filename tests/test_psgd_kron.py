@@ -266,6 +266,26 @@ def test_zero_gradients_at_first_steps_give_no_nan_and_defer_the_scale():
   assert float(jnp.abs(updates["w"]).max()) > 0
 
 
+def test_the_step_that_sets_the_scale_refits_even_when_the_schedule_skips_it():
+  # The scale enters the factors only in the refit branch, so that step refits whatever
+  # the probability; later steps follow the schedule (here: never).
+  tx = psgd.scale_by_kron(preconditioner_update_probability=0.0)
+  params = {"w": jnp.ones((4, 3))}
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  _, state = update({"w": jnp.zeros((4, 3))}, state)
+  assert int(state.num_updates) == 0
+  identity = [np.asarray(f["w"]) for f in state.factors]
+  grads = {"w": jax.random.normal(jax.random.key(0), (4, 3)) * 100}
+  _, state = update(grads, state)
+  assert bool(state.initialized) and int(state.num_updates) == 1
+  # The scale found (~1/100 for gradients of size 100) and a fit moved the factors.
+  assert all(not np.allclose(f["w"], i) for f, i in zip(state.factors, identity))
+  for _ in range(3):
+    _, state = update(grads, state)
+  assert int(state.num_updates) == 1
+
+
 def random_spd(seed, n, cond):
   q, _ = np.linalg.qr(np.random.default_rng(seed).normal(size=(n, n)))
   return jnp.asarray((q * np.logspace(0, -np.log10(cond), n)) @ q.T, jnp.float32)
