@@ -505,10 +505,10 @@ def scale_by_kron(
   A step, in order: the momentum m (an EMA of the gradients); until it is set, the
   scale of P from the first nonzero gradients; with probability
   `preconditioner_update_probability` (and always on the step that sets the scale),
-  one fitting step of every factor on the gradient (or on m, see `whiten_grad`); then the output P m (or P times m's
-  look-ahead, see `nesterov`), clipped per block to RMS `max_update_rms` and, with
-  `lr_style='adam'`, scaled to Adam's update size (or each block scaled to RMS
-  `update_rms`).
+  one fitting step of every factor on the gradient (or on m, see `whiten_grad`); then
+  the output P m (or P times m's look-ahead, see `nesterov`), clipped per block to RMS
+  `max_update_rms` and, with `lr_style='adam'`, scaled to Adam's update size (or each
+  block scaled to RMS `update_rms`).
   The result is a direction to be scaled by a negative learning rate, as with
   `optax.scale_by_adam`; `kron` adds that and weight decay.
 
