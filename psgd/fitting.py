@@ -20,6 +20,7 @@ Modes (geometry of the update; the names and rules are the reference's, psgd_tor
 Everything here works on one tensor; `kron.py` maps it over layers, blocks and params.
 """
 
+import functools
 import math
 from typing import Callable, Literal, get_args
 
@@ -68,20 +69,26 @@ def mix(seed, salt) -> jax.Array:
   return _hash32(jnp.asarray(seed, jnp.uint32) + salt * jnp.uint32(0x9E3779B9))
 
 
-def random_bits(seed: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+def random_bits(seed: jax.Array, shape: tuple[int, ...],
+                transposed: jax.Array | bool = False) -> jax.Array:
   """uint32 array of `shape`: each element its index hashed twice, with the hashed seed
   mixed in before each round. One round would not do: two seeds whose hashes differ
-  only in low bits would draw the same numbers in another order."""
+  only in low bits would draw the same numbers in another order. Where `transposed`
+  (a bool, traced or not; 2-D shapes), the transpose of the draws for shape[::-1]."""
   seed = _hash32(jnp.asarray(seed, jnp.uint32))
   index = jnp.arange(math.prod(shape), dtype=jnp.uint32).reshape(shape)
+  if transposed is not False:
+    flipped = jnp.arange(math.prod(shape), dtype=jnp.uint32).reshape(shape[::-1]).T
+    index = jnp.where(transposed, flipped, index)
   return _hash32(_hash32(index ^ seed) ^ _hash32(seed + jnp.uint32(0x9E3779B9)))
 
 
-def random_normal(seed: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
+def random_normal(seed: jax.Array, shape: tuple[int, ...], dtype=jnp.float32,
+                  transposed: jax.Array | bool = False) -> jax.Array:
   """Standard normal draws: the top 24 bits of `random_bits` as an odd multiple of
   2^-24 in (-1, 1), exact in float32, through sqrt(2) erfinv (what jax.random.normal
   does to its uniform draws)."""
-  odd = (random_bits(seed, shape) >> 8).astype(jnp.int32) * 2 + (1 - 2**24)
+  odd = (random_bits(seed, shape, transposed) >> 8).astype(jnp.int32) * 2 + (1 - 2**24)
   uniform = odd.astype(jnp.float32) * 2.0**-24
   return (math.sqrt(2.0) * jax.lax.erf_inv(uniform)).astype(dtype)
 
@@ -346,10 +353,13 @@ def _damped(h: jax.Array, noise: jax.Array, damping: float, grad_eps: float) -> 
 def fit(mode: str, factors: Factors, lipschitz: jax.Array, h: jax.Array, seed: jax.Array, *,
         lr: float, beta: float, damping: float, grad_eps: float,
         p_factors: Factors | None = None, operand_dtype=None,
-        fitted: tuple[bool, ...] | None = None) -> tuple[Factors, jax.Array]:
+        fitted: tuple[bool, ...] | None = None,
+        transposed: jax.Array | bool = False) -> tuple[Factors, jax.Array]:
   """One fitting step of a tensor's factors (one per dim) and their Lipschitz memory
   (shape (num_factors,)) on h, the gradient or momentum (float32 or float64), with the
-  random draws made from `seed` (a uint32; see `random_bits`).
+  random draws made from `seed` (a uint32; see `random_bits`). Where `transposed` (a
+  bool, traced or not), h is the transpose of a matrix and the factors are its two in
+  reverse order: the draws are then that matrix's, so the fit is its fit, transposed.
 
   Factor k moves only if fitted[k] (`Layout.fitted`: a size-1 dim's factor stays).
   `p_factors`, if given, are the factors' `preconditioner_factors` (cached by the
@@ -360,9 +370,11 @@ def fit(mode: str, factors: Factors, lipschitz: jax.Array, h: jax.Array, seed: j
   fitted = fitted or (True,) * len(factors)
   if mode == "EQ":
     return _fit_eq(factors, lipschitz, h, seed, lr=lr, beta=beta, damping=damping,
-                   grad_eps=grad_eps, operand_dtype=operand_dtype, fitted=fitted)
+                   grad_eps=grad_eps, operand_dtype=operand_dtype, fitted=fitted,
+                   transposed=transposed)
   noise_seed, norm_seed, rule_seed = (mix(seed, i) for i in range(3))
-  h = _damped(h, random_normal(noise_seed, h.shape, h.dtype), damping, grad_eps)
+  own = functools.partial(_own_index, len(factors), transposed)
+  h = _damped(h, random_normal(noise_seed, h.shape, h.dtype, transposed), damping, grad_eps)
   if p_factors is None:
     p_factors = preconditioner_factors(mode, factors, operand_dtype)
   pg = apply_preconditioner(p_factors, h, operand_dtype)
@@ -375,19 +387,26 @@ def fit(mode: str, factors: Factors, lipschitz: jax.Array, h: jax.Array, seed: j
     dense = f.ndim == 2
     t1 = _gram(pg, k, dense, operand_dtype)
     t2 = pg.size / pg.shape[k]
-    bound = norm_lower_bound_spd(t1, mix(norm_seed, k)) if dense else jnp.max(t1)
+    bound = norm_lower_bound_spd(t1, mix(norm_seed, own(k))) if dense else jnp.max(t1)
     lip = _lipschitz(bound + t2, lipschitz[k], beta)
-    new_factors.append(_RULES[mode](f, t1, t2, lr / lip, mix(rule_seed, k),
+    new_factors.append(_RULES[mode](f, t1, t2, lr / lip, mix(rule_seed, own(k)),
                                     operand_dtype))
     new_lipschitz.append(lip)
   return tuple(new_factors), jnp.stack(new_lipschitz)
 
 
+def _own_index(num_factors: int, transposed, k: int):
+  """Factor k's index in the tensor the draws belong to (see `fit`'s `transposed`)."""
+  return k if transposed is False else jnp.where(transposed, num_factors - 1 - k, k)
+
+
 def _fit_eq(factors, lipschitz, h, seed, *, lr, beta, damping, grad_eps, operand_dtype,
-            fitted):
+            fitted, transposed):
   """dQ = E Q with triangular Q: fits Q h h^T Q^T against Q^-T v v^T Q^-1 for probe v."""
   probe_seed, norm_seed = mix(seed, 0), mix(seed, 1)
-  v = random_normal(probe_seed, h.shape, h.dtype)  # the probe: i.i.d., as the reference
+  own = functools.partial(_own_index, len(factors), transposed)
+  # The probe: i.i.d., as the reference.
+  v = random_normal(probe_seed, h.shape, h.dtype, transposed)
   a, b = _damped(h, v, damping, grad_eps), v
   for axis, q in enumerate(factors):
     a = along(q, a, axis, operand_dtype)  # Q h
@@ -400,7 +419,7 @@ def _fit_eq(factors, lipschitz, h, seed, *, lr, beta, damping, grad_eps, operand
       continue
     dense = f.ndim == 2
     t1, t2 = _gram(a, k, dense, operand_dtype), _gram(b, k, dense, operand_dtype)
-    bound = (norm_lower_bound_spd(t1 + t2, mix(norm_seed, k)) if dense else
+    bound = (norm_lower_bound_spd(t1 + t2, mix(norm_seed, own(k))) if dense else
              jnp.max(t1 + t2))
     lip = _lipschitz(bound, lipschitz[k], beta)
     step = lr / lip

@@ -404,31 +404,135 @@ def _refit_decision(s: KronSettings, count, key) -> jax.Array:
   return jax.random.uniform(key) < _scheduled(s.update_probability, count)
 
 
+# ---------------------------------------------------------------- grouped fits
+# The compiler compiles each call of `fitting.fit` on its own, and the fits are most of
+# the update's program, so parameters whose blocks have one shape, or its transpose
+# (e.g. a layer's input and output projections), and the same factor kinds are fitted
+# as one batch: one fit is compiled per block shape, not one per parameter
+# (docs/pod_slices.md, "Where Kron's compile time goes").
+
+
+class _Member(NamedTuple):
+  leaf: int  # the parameter's position among the params' leaves
+  transposed: bool  # its blocks enter the group transposed, its two factors swapped
+
+
+def _fit_groups(layouts: list, targets: list, grad_eps: list) -> list[list[_Member]]:
+  """Parameters (by leaf) whose fits share one batch: blocks of one shape up to a
+  transpose, the same factor kinds, and the same dtype, noise level and kind of map
+  (scanned or not). A group's orientation is its first member's."""
+  groups: dict = {}
+  for leaf, (lay, h, eps) in enumerate(zip(layouts, targets, grad_eps)):
+    def key(order, lay=lay, h=h, eps=eps):
+      pick = lambda xs: tuple(xs[i] for i in order)
+      return (pick(lay.block_shape), pick(lay.dense), pick(lay.fitted), h.dtype, eps,
+              lay.scanned)
+    order = tuple(range(lay.num_factors))
+    own, flipped = key(order), key(order[::-1])
+    if lay.num_factors == 2 and own not in groups and flipped in groups:
+      groups[flipped].append(_Member(leaf, True))
+    else:
+      groups.setdefault(own, []).append(_Member(leaf, False))
+  return list(groups.values())
+
+
+def _fit_grouped(s: KronSettings, grad_eps: list, layouts: list, factors: list,
+                 lipschitz: list, targets: list, seeds: list, precond: list, lr):
+  """`fitting.fit` of every parameter's blocks (all but `lr`: lists over the params'
+  leaves), one batched fit per `_fit_groups` group: (factors, lipschitz) per leaf."""
+  blocks = [layout_lib.to_blocks(h, lay) for h, lay in zip(targets, layouts)]
+  new_factors, new_lipschitz = [None] * len(layouts), [None] * len(layouts)
+  for group in _fit_groups(layouts, blocks, grad_eps):
+    first = layouts[group[0].leaf]
+    turn = lambda m, fs: fs[::-1] if m.transposed else fs  # factors in the group's order
+    turn_lip = lambda m, lip: lip[:, ::-1] if m.transposed else lip
+
+    def member(m):
+      h = blocks[m.leaf]
+      compute = tuple(f.astype(_compute_dtype(h.dtype)) for f in factors[m.leaf])
+      return (turn(m, compute), turn_lip(m, lipschitz[m.leaf]),
+              h.swapaxes(1, 2) if m.transposed else h, seeds[m.leaf],
+              turn(m, precond[m.leaf]))
+
+    def fit_block(fs, lip, h, seed, pfs, transposed=False, eps=grad_eps[group[0].leaf]):
+      return fitting.fit(s.mode, fs, lip, h, seed, lr=lr,
+                         beta=s.beta_lipschitz, damping=s.damping, grad_eps=eps,
+                         p_factors=pfs or None, operand_dtype=s.fit_operand_dtype,
+                         fitted=first.fitted, transposed=transposed)
+
+    batch = jax.tree.map(lambda *xs: jnp.concatenate(xs) if len(xs) > 1 else xs[0],
+                         *map(member, group))
+    if any(m.transposed for m in group):
+      batch += (jnp.concatenate([jnp.full(blocks[m.leaf].shape[0], m.transposed)
+                                 for m in group]),)
+    # Without transposed members the flag stays static: the fit's program is as before.
+    fitted_fs, fitted_lip = _map_blocks(s, first, fit_block, *batch)
+    start = 0
+    for m in group:
+      stop = start + blocks[m.leaf].shape[0]
+      new_factors[m.leaf] = turn(m, tuple(f[start:stop] for f in fitted_fs))
+      new_lipschitz[m.leaf] = turn_lip(m, fitted_lip[start:stop])
+      start = stop
+  return new_factors, new_lipschitz
+
+
+def batch_mesh_axes(spec: tuple, scanned: bool, shard_local: bool) -> tuple[str, ...]:
+  """Mesh axes of the factors' batch axis (ordered (shards, layers, blocks)) for a
+  parameter with PartitionSpec `spec` (one entry per dim): those of its sharded dims
+  when its blocks are shard-local, then those of its layer axis if scanned."""
+  layer_axes = axis_names(spec[0]) if scanned else ()
+  shard_axes = tuple(a for e in spec[1 if scanned else 0:] for a in axis_names(e))
+  return (shard_axes if shard_local else ()) + layer_axes
+
+
+def _on_each_device(s: KronSettings, layouts: list, params, fit):
+  """`fit(layouts, factors, ...)` (`_fit_grouped`'s arguments after grad_eps) run by each
+  device on the blocks of its own shards (`jax.shard_map` over the mesh of
+  param_sharding). With shard-local blocks every block lies on one device, so the fits
+  move no data; and blocks of parameters cut along different mesh axes (a projection
+  and its transpose) batch together on the device that holds them, where concatenating
+  the global arrays would move them."""
+  shardings = _like_params(s.layout_options["param_sharding"], params, "param_sharding",
+                           "one NamedSharding")
+  mesh = shardings[0].mesh
+  specs, batch_specs, local = [], [], []
+  for lay, sharding in zip(layouts, shardings):
+    spec = tuple(sharding.spec) + (None,) * (len(lay.param_shape) - len(sharding.spec))
+    parts = [math.prod(mesh.shape[a] for a in axis_names(e)) for e in spec]
+    shape = tuple(d // n for d, n in zip(lay.param_shape, parts))
+    specs.append(jax.sharding.PartitionSpec(*spec))
+    batch_specs.append(jax.sharding.PartitionSpec(
+        batch_mesh_axes(spec, lay.scanned, shard_local=True) or None))
+    local.append(dataclasses.replace(lay, param_shape=shape, shards=(1,) * len(lay.shards),
+                                     layers=shape[0] if lay.scanned else 1))
+  replicated = jax.sharding.PartitionSpec()
+  return jax.shard_map(
+      functools.partial(fit, local), mesh=mesh,
+      in_specs=(batch_specs, batch_specs, specs, batch_specs, batch_specs, replicated),
+      out_specs=(batch_specs, batch_specs), check_vma=False)
+
+
 def _refit(s: KronSettings, layouts, targets, grad_eps, seeds, balance_key, lr, carry):
   """One fitting step (of size `lr`) of every parameter's factors on `targets`, then,
   rarely, a rebalancing of each pair against over/underflow. carry: (factors,
   lipschitz, precond)."""
   factors, lipschitz, precond = carry
+  lays, treedef = jax.tree.flatten(layouts, is_leaf=_is_layout)
+  leaves = treedef.flatten_up_to
   # Each block's seed gives two: salt 0 for the fit's draws, salt 1 for rounding.
   fit_seeds = jax.tree.map(lambda b: fitting.mix(b, 0), seeds)
   rounding_seeds = jax.tree.map(lambda b: fitting.mix(b, 1), seeds)
-
-  def fit_param(lay, fs, lip, h, seeds, eps, pfs):
-    def fit_block(fs, lip, h, seed, pfs):
-      return fitting.fit(s.mode, fs, lip, h, seed, lr=lr,
-                         beta=s.beta_lipschitz, damping=s.damping, grad_eps=eps,
-                         p_factors=pfs or None, operand_dtype=s.fit_operand_dtype,
-                         fitted=lay.fitted)
-    compute = tuple(f.astype(_compute_dtype(h.dtype)) for f in fs)
-    return _map_blocks(s, lay, fit_block, compute, lip, layout_lib.to_blocks(h, lay),
-                       seeds, pfs)
-
+  fit = functools.partial(_fit_grouped, s, leaves(grad_eps))
+  if s.layout_options["param_sharding"] is not None and lays:
+    fit = _on_each_device(s, lays, targets, fit)
+  else:
+    fit = functools.partial(fit, lays)
   with jax.default_matmul_precision(s.fit_precision):
-    fitted = _map_params(fit_param, layouts, factors, lipschitz, targets, fit_seeds,
-                         grad_eps, precond)
-  new_factors = _map_params(lambda lay, out: out[0], layouts, fitted)
-  new_lipschitz = _map_params(lambda lay, out, old: out[1].astype(old.dtype), layouts,
-                              fitted, lipschitz)
+    new_factors, new_lipschitz = fit(*map(leaves, (factors, lipschitz, targets, fit_seeds,
+                                                   precond)), lr)
+  new_factors = treedef.unflatten(new_factors)
+  new_lipschitz = _map_params(lambda lay, new, old: new.astype(old.dtype), layouts,
+                              treedef.unflatten(new_lipschitz), lipschitz)
   rebalance = jax.random.uniform(balance_key) < BALANCE_PROBABILITY
   new_factors = _map_params(lambda lay, f: jax.vmap(fitting.balance, (0, None))(f, rebalance),
                             layouts, new_factors)

@@ -24,7 +24,7 @@ from typing import Any
 import jax
 from jax.sharding import PartitionSpec as P
 
-from psgd.kron import KronState, axis_names, mask_like
+from psgd.kron import KronState, axis_names, batch_mesh_axes, mask_like
 
 
 def _entry(axes: tuple[str, ...]):
@@ -47,9 +47,7 @@ def _batch_axes(path, param, spec: P, scanned: bool, lipschitz, mesh_shape,
   """Mesh axes of the factors' batch axis: the shard axes (shard-local blocks), then
   the layer axis's; ValueError when the state's batch cannot hold them."""
   spec = tuple(spec) + (None,) * (len(param.shape) - len(spec))
-  layer_axes = axis_names(spec[0]) if scanned else ()
-  shard_axes = tuple(a for e in spec[1 if scanned else 0:] for a in axis_names(e))
-  axes = (shard_axes if shard_local else ()) + layer_axes
+  axes = batch_mesh_axes(spec, scanned, shard_local)
   parts = math.prod(mesh_shape[a] for a in axes)
   if lipschitz.shape[0] % parts:
     raise ValueError(

@@ -228,6 +228,33 @@ def test_hashed_normal_draws_are_standard_normal_and_independent_across_seeds():
     assert len(np.intersect1d(x, y)) < 2 * n * n / 2**24
 
 
+@pytest.mark.parametrize("mode", fitting.MODES)
+def test_fitting_a_transposed_matrix_is_the_matrix_fit_transposed(mode):
+  # What lets kron batch a layer's (r, c) projection with its (c, r) transpose: with
+  # transposed=True the fit of h^T with the factors swapped draws what the fit of h
+  # draws, so it gives the same factors, swapped (to float32 rounding). The damping
+  # is large so that the noise matters.
+  rng = np.random.default_rng(0)
+  h = jnp.asarray(rng.normal(size=(6, 4)), jnp.float32)
+  factors = (jnp.eye(6) + 0.1 * jnp.asarray(rng.normal(size=(6, 6)), jnp.float32),
+             jnp.linspace(0.5, 1.5, 4))
+  if mode == "EQ":
+    factors = (jnp.triu(factors[0]), factors[1])
+  lip = jnp.array([0.3, 0.7])
+  kw = dict(lr=0.5, beta=0.9, damping=0.3, grad_eps=0.0)
+  seed = jnp.uint32(5)
+  (q0, q1), l = fitting.fit(mode, factors, lip, h, seed, **kw)
+  (t1, t0), tl = fitting.fit(mode, factors[::-1], lip[::-1], h.T, seed, transposed=True, **kw)
+  # Traced per block, as kron passes it under vmap.
+  traced = jax.jit(lambda t: fitting.fit(mode, factors[::-1], lip[::-1], h.T, seed,
+                                         transposed=t, **kw))(jnp.array(True))
+  for ours in ((t0, t1, tl[::-1]), (traced[0][1], traced[0][0], traced[1][::-1])):
+    for a, b in zip(ours, (q0, q1, l)):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  untransposed, _ = fitting.fit(mode, factors[::-1], lip[::-1], h.T, seed, **kw)
+  assert np.abs(untransposed[1] - q0).max() > 1e-3  # the draws do matter here
+
+
 def test_random_signs_are_balanced_and_unrelated_across_seeds():
   # The norm bounds' start vectors: +-1 only, half each, independent across seeds.
   n = 100_000

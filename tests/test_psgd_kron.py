@@ -1,5 +1,6 @@
 """psgd.kron / scale_by_kron as optax transformations: behaviour end to end."""
 
+import importlib
 import math
 
 import jax
@@ -10,6 +11,7 @@ import optax
 import pytest
 
 import psgd
+from psgd import fitting
 from psgd import layout as layout_lib
 
 
@@ -135,6 +137,33 @@ def test_scanned_param_updates_like_separate_layers(lax_map, shard_local):
   for i in range(layers):
     np.testing.assert_allclose(w_scanned["w"][i], w_separate[f"layer{i}"], rtol=1e-4,
                                atol=1e-5)
+
+
+def test_params_of_one_block_shape_up_to_a_transpose_are_fitted_as_one_batch(monkeypatch):
+  # A layer's up and gate projections and its down projection (their transpose) share
+  # one fit, compiled once; the square matrix and the vector get one each. The result
+  # is what fitting each parameter alone gives (to float32 rounding). Large damping,
+  # so that each block's random draws matter.
+  kron_module = importlib.import_module("psgd.kron")
+  keys = jax.random.split(jax.random.key(3), 5)
+  params = {"up": jax.random.normal(keys[0], (8, 16)),
+            "down": jax.random.normal(keys[1], (16, 8)),
+            "gate": jax.random.normal(keys[2], (8, 16)),
+            "square": jax.random.normal(keys[3], (8, 8)),
+            "bias": jax.random.normal(keys[4], (16,))}
+  grad_fn = lambda p: jax.tree.map(lambda x: jnp.sin(3 * x) + x**2, p)
+  tx = psgd.kron(0.1, preconditioner_update_probability=1.0, damping=0.1)
+  fits = []
+  counting = lambda *a, fit=fitting.fit, **kw: fits.append(kw["fitted"]) or fit(*a, **kw)
+  with monkeypatch.context() as patch:
+    patch.setattr(fitting, "fit", counting)
+    grouped, state = run_steps(tx, params, grad_fn, 5)
+  assert len(fits) == 3, fits
+  monkeypatch.setattr(kron_module, "_fit_groups", lambda layouts, *_: [
+      [kron_module._Member(i, False)] for i in range(len(layouts))])
+  alone, alone_state = run_steps(tx, params, grad_fn, 5)
+  for a, b in zip(jax.tree.leaves((grouped, state)), jax.tree.leaves((alone, alone_state))):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
 def test_scanned_layers_get_different_random_keys():

@@ -1,5 +1,7 @@
 """PSGD state placed over a mesh of 8 fake CPU devices."""
 
+import functools
+import importlib
 import math
 import re
 
@@ -120,7 +122,7 @@ def _collective_shapes(hlo_text: str) -> list[tuple[str, str]]:
   return re.findall(rf"=\s*(.+?)\s+({kinds})(?:-start)?\(", hlo_text)
 
 
-def test_shard_local_blocks_move_no_arrays_and_match_one_device():
+def test_shard_local_blocks_move_no_arrays_and_match_one_device(monkeypatch):
   # A transformer-like tree on a 4 x 2 mesh. With shard-local blocks each device fits and
   # applies the factors of its own shards: the compiled step's only collectives are
   # scalar reductions (the initial scale's max), where whole-matrix factors gather
@@ -165,8 +167,9 @@ def test_shard_local_blocks_move_no_arrays_and_match_one_device():
       make_params(), jax.eval_shape(whole_tx.init, make_params())).compile().as_text())
   assert any(kind == "all-gather" and "32,32" in shape for shape, kind in whole)
 
-  # Sharded = one device with the same blocks (the shard counts come from the shardings
-  # alone, so the same tx runs unplaced on one device).
+  # Sharded = one device with the same blocks: the fits run per device
+  # (`kron._on_each_device`, a shard_map); without it the same blocks are fitted as
+  # global arrays, unplaced, on one device.
   def train(p, s, step_fn):
     for _ in range(5):
       p, s = step_fn(p, s)
@@ -174,6 +177,9 @@ def test_shard_local_blocks_move_no_arrays_and_match_one_device():
 
   sharded = train(jax.device_put(make_params(), param_shardings),
                   jax.jit(tx.init, out_shardings=state_shardings)(make_params()), step)
+  kron_module = importlib.import_module("psgd.kron")
+  monkeypatch.setattr(kron_module, "_on_each_device",
+                      lambda s, layouts, params, fit: functools.partial(fit, layouts))
   single_step = jax.jit(lambda p, s: (lambda u, s: (optax.apply_updates(p, u), s))(
       *tx.update(grads_fn(p), s, p)))
   single = train(make_params(), tx.init(make_params()), single_step)
