@@ -498,13 +498,15 @@ def _on_each_device(s: KronSettings, layouts: list, params, fit):
   specs, batch_specs, local = [], [], []
   for lay, sharding in zip(layouts, shardings):
     spec = tuple(sharding.spec) + (None,) * (len(lay.param_shape) - len(sharding.spec))
-    parts = [math.prod(mesh.shape[a] for a in axis_names(e)) for e in spec]
-    shape = tuple(d // n for d, n in zip(lay.param_shape, parts))
+    # Each layer is cut into its shards already (shard_shape); only the layer axis is left.
+    local_layers = (lay.layers // math.prod(mesh.shape[a] for a in axis_names(spec[0]))
+                    if lay.scanned else 1)
+    shape = ((local_layers,) if lay.scanned else ()) + lay.shard_shape
     specs.append(jax.sharding.PartitionSpec(*spec))
     batch_specs.append(jax.sharding.PartitionSpec(
         batch_mesh_axes(spec, lay.scanned, shard_local=True) or None))
     local.append(dataclasses.replace(lay, param_shape=shape, shards=(1,) * len(lay.shards),
-                                     layers=shape[0] if lay.scanned else 1))
+                                     layers=local_layers))
   replicated = jax.sharding.PartitionSpec()
   return jax.shard_map(
       functools.partial(fit, local), mesh=mesh,
