@@ -417,16 +417,18 @@ class _Member(NamedTuple):
   transposed: bool  # its blocks enter the group transposed, its two factors swapped
 
 
-def _fit_groups(layouts: list, targets: list, grad_eps: list) -> list[list[_Member]]:
+def _fit_groups(layouts: list, targets: list, grad_eps: list,
+                lax_map: bool) -> list[list[_Member]]:
   """Parameters (by leaf) whose fits share one batch: blocks of one shape up to a
   transpose, the same factor kinds, and the same dtype, noise level and kind of map
-  (scanned or not). A group's orientation is its first member's."""
+  (`_map_blocks`: lax.map for scanned layers if `lax_map`, else vmap for all). A
+  group's orientation is its first member's."""
   groups: dict = {}
   for leaf, (lay, h, eps) in enumerate(zip(layouts, targets, grad_eps)):
     def key(order, lay=lay, h=h, eps=eps):
       pick = lambda xs: tuple(xs[i] for i in order)
       return (pick(lay.block_shape), pick(lay.dense), pick(lay.fitted), h.dtype, eps,
-              lay.scanned)
+              lay.scanned and lax_map)
     order = tuple(range(lay.num_factors))
     own, flipped = key(order), key(order[::-1])
     if lay.num_factors == 2 and own not in groups and flipped in groups:
@@ -442,7 +444,7 @@ def _fit_grouped(s: KronSettings, grad_eps: list, layouts: list, factors: list,
   leaves), one batched fit per `_fit_groups` group: (factors, lipschitz) per leaf."""
   blocks = [layout_lib.to_blocks(h, lay) for h, lay in zip(targets, layouts)]
   new_factors, new_lipschitz = [None] * len(layouts), [None] * len(layouts)
-  for group in _fit_groups(layouts, blocks, grad_eps):
+  for group in _fit_groups(layouts, blocks, grad_eps, s.lax_map):
     first = layouts[group[0].leaf]
     turn = lambda m, fs: fs[::-1] if m.transposed else fs  # factors in the group's order
     turn_lip = lambda m, lip: lip[:, ::-1] if m.transposed else lip

@@ -139,26 +139,32 @@ def test_scanned_param_updates_like_separate_layers(lax_map, shard_local):
                                atol=1e-5)
 
 
-def test_params_of_one_block_shape_up_to_a_transpose_are_fitted_as_one_batch(monkeypatch):
+@pytest.mark.parametrize("lax_map", [False, True])
+def test_params_of_one_block_shape_up_to_a_transpose_are_fitted_as_one_batch(
+    monkeypatch, lax_map):
   # A layer's up and gate projections and its down projection (their transpose) share
-  # one fit, compiled once; the square matrix and the vector get one each. The result
-  # is what fitting each parameter alone gives (to float32 rounding). Large damping,
-  # so that each block's random draws matter.
+  # one fit, compiled once; the square matrix gets one, and the vector and the scanned
+  # layers' vectors another (unless the layers are lax.mapped, a loop of their own).
+  # The result is what fitting each parameter alone gives (to float32 rounding). Large
+  # damping, so that each block's random draws matter.
   kron_module = importlib.import_module("psgd.kron")
-  keys = jax.random.split(jax.random.key(3), 5)
+  keys = jax.random.split(jax.random.key(3), 6)
   params = {"up": jax.random.normal(keys[0], (8, 16)),
             "down": jax.random.normal(keys[1], (16, 8)),
             "gate": jax.random.normal(keys[2], (8, 16)),
             "square": jax.random.normal(keys[3], (8, 8)),
-            "bias": jax.random.normal(keys[4], (16,))}
+            "bias": jax.random.normal(keys[4], (16,)),
+            "norms": jax.random.normal(keys[5], (3, 16))}
   grad_fn = lambda p: jax.tree.map(lambda x: jnp.sin(3 * x) + x**2, p)
-  tx = psgd.kron(0.1, preconditioner_update_probability=1.0, damping=0.1)
+  scanned = {k: k == "norms" for k in params}
+  tx = psgd.kron(0.1, preconditioner_update_probability=1.0, damping=0.1,
+                 scanned_layers=scanned, lax_map_scanned_layers=lax_map)
   fits = []
   counting = lambda *a, fit=fitting.fit, **kw: fits.append(kw["fitted"]) or fit(*a, **kw)
   with monkeypatch.context() as patch:
     patch.setattr(fitting, "fit", counting)
     grouped, state = run_steps(tx, params, grad_fn, 5)
-  assert len(fits) == 3, fits
+  assert len(fits) == (4 if lax_map else 3), fits
   monkeypatch.setattr(kron_module, "_fit_groups", lambda layouts, *_: [
       [kron_module._Member(i, False)] for i in range(len(layouts))])
   alone, alone_state = run_steps(tx, params, grad_fn, 5)
