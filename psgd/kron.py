@@ -651,7 +651,9 @@ def scale_by_kron(
       diagonal) the whole parameter would get. Place the state with
       `psgd.state_partition_specs(..., shard_local=True)`. None: whole parameters.
     preconditioner_lr: step size of the factor fit (relative to the Lipschitz bound),
-      or a schedule of the number of refits done (`precond_lr_schedule`). 0.7
+      or a schedule of the number of refits done (`precond_lr_schedule`; under
+      `optax.inject_hyperparams` a callable is evaluated at the step count instead,
+      unless preconditioner_lr is among its static_args). 0.7
       (quad-torch's default; psgd_torch and psgdax use 0.1) fits P in tens of refits
       instead of hundreds, but follows recent gradients more than a long average (a
       noisier fit of a fixed covariance); it won on the language model of
@@ -691,7 +693,8 @@ def scale_by_kron(
     precond_grads_precision: the same for forming and applying P.
       bfloat16 factors and operands are faster and smaller, but a P fitted to
       rank-deficient gradients is so ill-conditioned that their rounding can swamp
-      the update (docs/psgd_library.md), so the defaults are float32.
+      the update (docs/psgd_library.md), so by default the factors are float32 and
+      no operand is cast (the backend's precision applies where None).
     scanned_layers: a tree of bools shaped like the params (or a callable of the
       params returning one) marking params whose leading axis stacks layers: each
       layer then gets factors and random draws of its own.
@@ -765,7 +768,8 @@ def scale_by_kron(
         mu=None if s.b1 == 0 else jax.tree.map(
             lambda p: jnp.zeros(p.shape, s.mu_dtype or p.dtype), params),
         factors=_slots(layouts, _stored(s, factors)),
-        precond=_slots(layouts, _cached(s, layouts, factors)) if s.cache else None,
+        precond=(_slots(layouts, _cached(s, layouts, _stored(s, factors))) if s.cache
+                 else None),
         lipschitz=_map_params(lambda lay, p: jnp.zeros(
             (lay.batch, lay.num_factors), _compute_dtype(p.dtype)), layouts, params),
         initialized=jnp.array(s.init_scale is not None),

@@ -60,8 +60,8 @@ class Layout:
 
   @property
   def fitted(self) -> tuple[bool, ...]:
-    """Which factors the fit moves. A size-1 dim's factor stays fixed (the others
-    carry the scale), so a vector, laid out as (1, n), is fitted by one diagonal
+    """Which factors the fit moves. A size-1 dim's factor is not fitted (the others
+    carry the scale; rebalancing may rescale it, leaving P as it was), so a vector, laid out as (1, n), is fitted by one diagonal
     factor as in the reference, not by two that both fit its overall scale. When every
     dim has size 1 the last factor is fitted."""
     shape = self.block_shape

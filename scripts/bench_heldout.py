@@ -149,7 +149,7 @@ def _compiled(task: str, name: str, schedule_kind: str, steps: int, seed: int,
               kron_args: str):
   """(initial params, training examples, jitted init, jitted chunk of steps returning
   the held-out loss), the learning rate an argument, so a sweep compiles once per
-  task, optimizer and schedule."""
+  task, optimizer, schedule and seed."""
   params, loss, (x, y), (x_test, y_test), floor = TASKS[task](seed)
   x, y = jnp.asarray(x), jnp.asarray(y)
   make_tx = lambda lr: optimizer(name, make_schedule(schedule_kind, lr, steps), kron_args)
@@ -189,8 +189,8 @@ def _margin(kron: tuple, baseline: tuple) -> str:
   best learning rate) and, with several seeds, the mean paired difference (same seeds)
   with its standard error, which says whether a gap is larger than the seeds' noise."""
   text = f"{kron[0] / baseline[0]:.3f}x"
-  if len(kron[2]) > 1:
-    diffs = [k - b for k, b in zip(kron[2], baseline[2])]
+  diffs = [k - b for k, b in zip(kron[2], baseline[2])]
+  if len(diffs) > 1 and all(map(math.isfinite, diffs)):  # not with a diverged seed
     se = statistics.stdev(diffs) / math.sqrt(len(diffs))
     text += f" ({statistics.mean(diffs):+.4f} +- {se:.4f})"
   return text
@@ -215,7 +215,7 @@ def main():
   args = parser.parse_args()
   lrs = [float(v) for v in args.lrs.split(",")]
   seeds = [int(v) for v in args.seeds.split(",")]
-  names = args.optimizers.split(",")
+  names = list(dict.fromkeys(args.optimizers.split(",")))
   results = []
   baselines = [n for n in names if n != "kron"] if "kron" in names else []
   print("| task | schedule | " + " | ".join(names) + "".join(
@@ -237,10 +237,10 @@ def main():
       cells = [f"{loss:.4g} @ {lr:g}" for loss, lr, _ in best.values()]
       margins = [_margin(best["kron"], best[n]) for n in baselines]
       print(f"| {task} | {kind} | " + " | ".join(cells + margins) + " |", flush=True)
-  if args.out:
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "heldout.json").write_text(json.dumps(results, indent=1))
+      if args.out:  # after each row, so a stopped sweep keeps what it measured
+        out = pathlib.Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "heldout.json").write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

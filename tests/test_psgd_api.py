@@ -7,6 +7,7 @@ import inspect
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
 
@@ -85,3 +86,31 @@ def test_docstrings_document_every_argument(fn):
 def test_version_is_the_distributions():
   # pyproject reads the version from psgd.__version__: one source for both.
   assert psgd.__version__ == importlib.metadata.version("psgd-train")
+
+
+def test_a_refit_schedule_passes_through_inject_hyperparams_when_static():
+  # inject_hyperparams calls a schedule with the step count; made static, the schedule
+  # reaches kron, which reads it at the number of refits done, as documented. Steps 0,
+  # 1, 2 with refits at steps 0 and 2: the second refit steps 0.25 (refit 1), where the
+  # step count would give 0.125 (step 2).
+  params = {"w": jnp.ones((3, 2))}
+  grads = {"w": jnp.arange(6.0).reshape(3, 2) + 1}
+  schedule = lambda n: 0.5 ** (n + 1.0)
+  common = dict(preconditioner_init_scale=1.0,
+                preconditioner_update_probability=lambda count: jnp.where(count == 1, 0., 1.))
+
+  def factors_after(tx):
+    state = tx.init(params)
+    for _ in range(3):
+      _, state = jax.jit(tx.update)(grads, state, params)
+    is_kron = lambda x: isinstance(x, psgd.KronState)
+    kron_state, = [x for x in jax.tree.leaves(state, is_leaf=is_kron) if is_kron(x)]
+    assert int(kron_state.num_updates) == 2
+    return np.asarray(kron_state.factors[0]["w"])
+
+  inject = lambda static: optax.inject_hyperparams(psgd.kron, static_args=static)(
+      0.1, preconditioner_lr=schedule, **common)
+  plain = factors_after(psgd.kron(0.1, preconditioner_lr=schedule, **common))
+  np.testing.assert_allclose(
+      factors_after(inject(psgd.STATIC_ARGS + ("preconditioner_lr",))), plain, rtol=1e-6)
+  assert not np.allclose(factors_after(inject(psgd.STATIC_ARGS)), plain, rtol=1e-3)

@@ -247,6 +247,19 @@ def test_bf16_precision_multiplies_in_bf16_and_only_rounds(cache):
   assert bf16_dots(fast_fit.update, grads, state) > 0
 
 
+def test_initial_cache_holds_p_of_the_stored_factors():
+  # P = 9 I has two factors Q = sqrt(3) I, which bfloat16 rounds; a step that does not
+  # refit applies the cache, which must be P of that rounded Q, as after any refit.
+  params = {"w": jnp.ones((4, 4))}
+  state = psgd.kron(0.1, cache_preconditioner=True, precond_dtype=jnp.bfloat16,
+                    preconditioner_init_scale=3.0).init(params)[0]
+  for q, p in zip(state.factors, state.precond):
+    q = q["w"].astype(jnp.float32)
+    expected = jnp.einsum("bji,bjk->bik", q, q).astype(jnp.bfloat16)
+    assert expected[0, 0, 0] != jnp.bfloat16(3.0)  # the rounding matters here
+    np.testing.assert_array_equal(p["w"], expected)
+
+
 def test_cache_is_a_no_op_for_modes_storing_p():
   state = psgd.kron(0.1, preconditioner_mode="QUAD4P", cache_preconditioner=True).init(
       {"w": jnp.ones((4, 4))})
