@@ -95,6 +95,12 @@ def axis_names(entry) -> tuple[str, ...]:
   return tuple(entry) if isinstance(entry, (tuple, list)) else (entry,)
 
 
+def padded_spec(spec, ndim: int) -> tuple:
+  """A PartitionSpec's entries, one per dim of an ndim array (None for the dims it
+  leaves out)."""
+  return tuple(spec) + (None,) * (ndim - len(spec))
+
+
 def _shard_counts(param_sharding, params) -> list[tuple[int, ...]]:
   """Per parameter (in leaf order), the number of shards along each of its dims, from a
   tree of `NamedSharding`s shaped like params (or a callable of params returning one);
@@ -103,7 +109,7 @@ def _shard_counts(param_sharding, params) -> list[tuple[int, ...]]:
     ndim = len(p.shape)
     if sharding is None:
       return (1,) * ndim
-    spec = tuple(sharding.spec) + (None,) * (ndim - len(sharding.spec))
+    spec = padded_spec(sharding.spec, ndim)
     return tuple(math.prod(sharding.mesh.shape[a] for a in axis_names(e)) for e in spec)
 
   leaves = jax.tree.leaves(params)
@@ -499,7 +505,7 @@ def _on_each_device(s: KronSettings, layouts: list, params, fit):
   mesh = shardings[0].mesh
   specs, batch_specs, local = [], [], []
   for lay, sharding in zip(layouts, shardings):
-    spec = tuple(sharding.spec) + (None,) * (len(lay.param_shape) - len(sharding.spec))
+    spec = padded_spec(sharding.spec, len(lay.param_shape))
     # Each layer is cut into its shards already (shard_shape); only the layer axis is left.
     local_layers = (lay.layers // math.prod(mesh.shape[a] for a in axis_names(spec[0]))
                     if lay.scanned else 1)

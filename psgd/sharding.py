@@ -24,7 +24,7 @@ from typing import Any
 import jax
 from jax.sharding import PartitionSpec as P
 
-from psgd.kron import KronState, axis_names, batch_mesh_axes, mask_like
+from psgd.kron import KronState, axis_names, batch_mesh_axes, mask_like, padded_spec
 
 
 def _entry(axes: tuple[str, ...]):
@@ -46,7 +46,7 @@ def _batch_axes(path, param, spec: P, scanned: bool, lipschitz, mesh_shape,
                 shard_local: bool) -> tuple[str, ...]:
   """Mesh axes of the factors' batch axis: the shard axes (shard-local blocks), then
   the layer axis's; ValueError when the state's batch cannot hold them."""
-  spec = tuple(spec) + (None,) * (len(param.shape) - len(spec))
+  spec = padded_spec(spec, len(param.shape))
   axes = batch_mesh_axes(spec, scanned, shard_local)
   parts = math.prod(mesh_shape[a] for a in axes)
   if lipschitz.shape[0] % parts:
