@@ -61,9 +61,10 @@ class Layout:
   @property
   def fitted(self) -> tuple[bool, ...]:
     """Which factors the fit moves. A size-1 dim's factor is not fitted (the others
-    carry the scale; rebalancing may rescale it, leaving P as it was), so a vector, laid out as (1, n), is fitted by one diagonal
-    factor as in the reference, not by two that both fit its overall scale. When every
-    dim has size 1 the last factor is fitted."""
+    carry the scale; rebalancing may rescale it, leaving P as it was), so a vector,
+    laid out as (1, n), is fitted by one diagonal factor as in the reference, not by
+    two that both fit its overall scale. When every dim has size 1 the last factor is
+    fitted."""
     shape = self.block_shape
     if all(d == 1 for d in shape):
       return (False,) * (len(shape) - 1) + (True,)
