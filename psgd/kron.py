@@ -831,15 +831,21 @@ def scale_by_kron(
 
 
 def _masked_weight_decay(weight_decay: float, mask: MaskOrFn) -> optax.GradientTransformation:
-  """optax.add_decayed_weights whose init checks the mask against params first."""
+  """optax.add_decayed_weights whose init checks the mask against params first, and
+  which passes the updates through when weight_decay is 0 (with the same state, so a
+  saved state resumes with weight decay switched on or off)."""
   inner = optax.add_decayed_weights(weight_decay, mask)
+  off = isinstance(weight_decay, (int, float)) and weight_decay == 0
 
   def init_fn(params):
     if mask is not None:
       mask_like(mask, params, "weight_decay_mask")
     return inner.init(params)
 
-  return optax.GradientTransformation(init_fn, inner.update)
+  def update_fn(updates, state, params=None):
+    return (updates, state) if off else inner.update(updates, state, params)
+
+  return optax.GradientTransformation(init_fn, update_fn)
 
 
 def kron(
@@ -955,6 +961,13 @@ def kron(
     Li, `psgd_torch <https://github.com/lixilinx/psgd_torch>`_, the reference
     implementation.
   """
+  arguments = dict(locals())  # first: only the arguments are bound yet
+  arrays = [name for name in STATIC_ARGS if isinstance(arguments[name], jax.Array)]
+  if arrays:  # optax.inject_hyperparams without static_args turns every number to one
+    raise TypeError(
+        f"psgd.kron got {', '.join(arrays)} as arrays, but they shape its state and code. "
+        "Under optax.inject_hyperparams pass static_args=psgd.STATIC_ARGS, so that only "
+        "psgd.HYPERPARAMS are injected.")
   # Only plain numbers are checked: under optax.inject_hyperparams they are arrays.
   if isinstance(learning_rate, (int, float)) and learning_rate < 0:
     raise ValueError(f"learning_rate={learning_rate} must be non-negative.")
@@ -977,8 +990,7 @@ def kron(
       precond_grads_precision=precond_grads_precision, scanned_layers=scanned_layers,
       lax_map_scanned_layers=lax_map_scanned_layers, lax_map_batch_size=lax_map_batch_size,
       seed=seed)]
-  if not isinstance(weight_decay, (int, float)) or weight_decay > 0:
-    parts.append(_masked_weight_decay(weight_decay, weight_decay_mask))
+  parts.append(_masked_weight_decay(weight_decay, weight_decay_mask))
   parts.append(optax.scale_by_learning_rate(learning_rate))
   return optax.chain(*parts)
 

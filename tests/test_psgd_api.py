@@ -114,3 +114,21 @@ def test_a_refit_schedule_passes_through_inject_hyperparams_when_static():
   np.testing.assert_allclose(
       factors_after(inject(psgd.STATIC_ARGS + ("preconditioner_lr",))), plain, rtol=1e-6)
   assert not np.allclose(factors_after(inject(psgd.STATIC_ARGS)), plain, rtol=1e-3)
+
+
+def test_inject_hyperparams_without_static_args_says_how_to_call_it():
+  params = {"w": jnp.zeros((4, 3))}
+  with pytest.raises(TypeError, match=r"static_args=psgd\.STATIC_ARGS"):
+    optax.inject_hyperparams(psgd.kron)(learning_rate=0.1).init(params)
+
+
+def test_weight_decay_off_keeps_the_state_structure_and_needs_no_params():
+  """A state saved with weight decay on restores into one with it off, and back."""
+  params = {"w": jnp.ones((4, 3)), "b": jnp.ones(3)}
+  on, off = psgd.kron(0.1, weight_decay=0.1), psgd.kron(0.1, weight_decay=0.0)
+  assert (jax.tree.structure(on.init(params)) == jax.tree.structure(off.init(params)))
+  grads = jax.tree.map(jnp.ones_like, params)
+  decayed, _ = on.update(grads, on.init(params), params)
+  plain, _ = off.update(grads, off.init(params))  # no params: nothing to decay
+  assert not np.allclose(decayed["w"], plain["w"])
+
