@@ -155,9 +155,10 @@ def test_a_signal_to_one_process_stops_both_at_the_same_saved_step(tmp_path, sig
 
 @pytest.mark.slow
 @pytest.mark.exclusive
-def test_a_preemption_before_a_resumed_runs_first_step_stops_it_at_that_step(tmp_path):
+def test_a_preemption_in_a_resumed_run_stops_it_at_one_agreed_step(tmp_path):
   """The sync service counts steps from this run's start: a notice during the restore
-  of a run resumed at step 2 stops both processes after step 3, the first they take."""
+  of a run resumed at step 2 stops both processes after step 3, the first they take;
+  a notice some steps into a run resumed at step 3 stops both at one step, saved once."""
   port = free_port()
   processes = [start_process(tmp_path / "run", i, port, tmp_path / f"first_{i}.log",
                              "train.stop_at=2") for i in range(2)]
@@ -168,6 +169,20 @@ def test_a_preemption_before_a_resumed_runs_first_step_stops_it_at_that_step(tmp
   assert exit_codes == [0, 0], "\n".join(text[-3000:] for text in texts)
   assert all("Starting at step 2" in text for text in texts)
   assert saved == [["3"], ["3"]], saved
+
+  # A notice later in a resumed run: both stop at one step and save only that one (the
+  # checkpoint manager must not answer the sync service with another count of steps).
+  later = lambda workdir, _: read_metrics(workdir)[-1]["step"] >= 7
+  exit_codes, saved, texts = _signal_one_of_two(
+      tmp_path, "again", signal.SIGTERM, later, "train.steps=100000",
+      "checkpoint.save_every=100000")
+  assert exit_codes == [0, 0], "\n".join(text[-3000:] for text in texts)
+  assert len(saved[0]) == 1 and saved[0] == saved[1], saved
+  step = int(saved[0][0])
+  assert step >= 7
+  saved_since = sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir()
+                       if int(p.name) > 3)
+  assert saved_since == [step]
 
 
 def test_multi_process_stop_checks_gather_nothing_until_a_signal(monkeypatch):

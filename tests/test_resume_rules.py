@@ -31,6 +31,7 @@ CASES = {
     "optimizer.kron.max_skew_triangular": ("optimizer.kron.max_skew_triangular", 2.0, True),
     "optimizer.kron.memory_save_mode": ("optimizer.kron.memory_save_mode", "one_diag", True),
     "optimizer.kron.block_size": ("optimizer.kron.block_size", 64, True),
+    "optimizer.kron.merge_dims": ("optimizer.kron.merge_dims", False, True),
     "optimizer.kron.shard_local": ("optimizer.kron.shard_local", True, True),
     "optimizer.kron.cache_preconditioner": ("optimizer.kron.cache_preconditioner", True,
                                             True),
@@ -122,6 +123,22 @@ def test_resume_takes_a_new_learning_rate(saved_run, tmp_path, caplog):
   caplog.set_level(logging.INFO)
   (state, _), _ = _resume(saved_run, tmp_path, **{"optimizer.learning_rate": 1e-3})
   assert "Starting at step 4 of 6" in caplog.text and int(state.step) == 6
+
+
+def test_resume_takes_weight_decay_switched_off(saved_run, tmp_path, caplog):
+  """psgd.kron keeps its state's structure when weight decay is off."""
+  caplog.set_level(logging.INFO)
+  (state, _), _ = _resume(saved_run, tmp_path, **{"optimizer.weight_decay": 0.0})
+  assert "Starting at step 4 of 6" in caplog.text and int(state.step) == 6
+
+
+def test_a_resumable_setting_that_changes_the_arrays_is_named(saved_run, tmp_path):
+  """No momentum (b1=0, so no Nesterov look-ahead either) leaves Kron without its
+  momentum arrays: the rules let b1 change, so the refusal names what changed."""
+  with pytest.raises(checkpoint_lib.CheckpointMismatchError,
+                     match=r"opt_state\..*missing(.|\n)*changed since the checkpoint: "
+                           r"optimizer\.b1 \(0\.9 -> 0\.0\)"):
+    _resume(saved_run, tmp_path, **{"optimizer.b1": 0.0, "optimizer.kron.nesterov": False})
 
 
 def test_a_missing_data_position_is_an_error_unless_restart_data(saved_run, tmp_path,

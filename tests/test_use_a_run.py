@@ -1,6 +1,7 @@
 """Using a trained run: evaluate its checkpoints and sample from it, from the command line."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -64,6 +65,17 @@ def test_eval_of_a_directory_that_is_no_run_says_so(tmp_path):
   result = _tool("eval", tmp_path / "empty")
   assert result.returncode != 0
   assert "--workdir must be the workdir of a run" in result.stderr
+
+
+def test_a_run_in_a_workdir_named_checkpoints_reads_back(trained_run, tmp_path):
+  """Readers take a workdir or its checkpoints directory; a workdir may itself be named
+  checkpoints."""
+  workdir = tmp_path / "checkpoints"
+  shutil.copytree(trained_run, workdir)
+  config = saved_run.load_config(str(workdir))
+  for path in (workdir, workdir / "checkpoints"):
+    step, params, _ = saved_run.restore_params(config, str(path), devices=jax.devices()[:1])
+    assert step == 20 and jax.tree.leaves(params)
 
 
 def _tiny_model(scan_layers: bool, num_kv_heads=None):

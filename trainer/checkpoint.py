@@ -18,6 +18,7 @@ Readers that are not the run (eval, sampling, export, fine-tuning from another r
 damaged step is never changed by them.
 """
 
+import json
 import os
 import signal
 import time
@@ -95,6 +96,17 @@ def _all_processes_agree(ok: bool) -> bool:
   return bool(multihost_utils.process_allgather(np.int32(ok)).min())
 
 
+class _Manager(ocp.CheckpointManager):
+  """Orbax's manager, minus its own ask of JAX's preemption sync service. StopSignals
+  asks it, counting the steps since this run started; Orbax asks it with the absolute
+  step (in should_save and save), and two askers counting differently agree on
+  different steps: a resumed run would save at one and stop start_step steps later."""
+
+  def reached_preemption(self, step: int) -> bool:
+    del step
+    return False
+
+
 class Checkpointer:
   """CheckpointManager in <workdir>/checkpoints (local path or gs:// URL), made safe:
   see the module docstring."""
@@ -108,7 +120,7 @@ class Checkpointer:
       self._clear_incomplete()
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices("checkpoints: incomplete steps cleared")
-    self._manager = ocp.CheckpointManager(
+    self._manager = _Manager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
             save_interval_steps=save_every, max_to_keep=max_to_keep, keep_period=keep_every,
@@ -316,6 +328,13 @@ class Checkpointer:
     if problems:
       shown = problems[:12] + ([f"... and {len(problems) - 12} more"] if len(problems) > 12 else [])
       hint = "Use another --workdir, or the config the checkpoint was written with."
+      changed = [f"{key} ({json.dumps(old)} -> {json.dumps(new)})" for key, old, new in
+                 resume_rules.changes(saved_config, config)]
+      if changed and not problems[0].startswith("config "):
+        # Arrays differ though no refused setting changed: one of these did it.
+        hint = ("Settings changed since the checkpoint: " + ", ".join(changed[:8]) +
+                ". One of them changes the saved state's arrays; set it back, or " +
+                hint[0].lower() + hint[1:])
       kron = config.get("optimizer", {}).get("kron", {})
       if kron.get("shard_local") and any(p.startswith("opt_state.") for p in problems):
         hint = ("optimizer.kron.shard_local=True cuts the PSGD factors by the mesh, so they "
@@ -388,10 +407,12 @@ def _check_shapes(step: int, wanted: dict, metadata: Any, directory: str) -> Non
 
 
 def _checkpoints_dir(path: str) -> str:
-  """The checkpoints directory of a workdir (or `path` itself if it is one)."""
-  if os.path.basename(path.rstrip("/")) == "checkpoints":
+  """The checkpoints directory of a workdir, or `path` itself if it is one: named
+  checkpoints, with no checkpoints directory inside (a workdir may be named so too)."""
+  inside = os.path.join(path, "checkpoints")
+  if os.path.basename(path.rstrip("/")) == "checkpoints" and not epath.Path(inside).exists():
     return path
-  return os.path.join(path, "checkpoints")
+  return inside
 
 
 def read_verified(path: str, wanted: dict, step: Optional[int] = None) -> tuple[int, dict]:

@@ -34,6 +34,7 @@ RULES = (
     Rule("optimizer.kron.max_skew_triangular", False, "it decides which factors are dense"),
     Rule("optimizer.kron.memory_save_mode", False, "it decides which factors are dense"),
     Rule("optimizer.kron.block_size", False, "it decides how parameters split into blocks"),
+    Rule("optimizer.kron.merge_dims", False, "it decides how many factors a parameter has"),
     Rule("optimizer.kron.shard_local", False, "it decides how parameters split into blocks"),
     Rule("optimizer.kron.cache_preconditioner", False, "it decides whether P is stored"),
     Rule("optimizer.kron.mu_dtype", False, "the stored momentum's dtype"),
@@ -73,13 +74,17 @@ def _flatten(config: dict, prefix: str = "") -> dict[str, Any]:
   return flat
 
 
-def refused_changes(saved: dict, current: dict) -> list[str]:
-  """One line per setting whose change the checkpoint cannot survive. Keys only one of
-  the two configs has (added or removed since the save) are not compared."""
+def changes(saved: dict, current: dict) -> list[tuple[str, Any, Any]]:
+  """(key, saved value, current value) of every setting the two configs both have and
+  that differs. Keys only one of them has (added or removed since the save) are not
+  compared."""
   old, new = _flatten(saved), _flatten(current)
-  problems = []
-  for key in sorted(old.keys() & new.keys()):
-    if old[key] != new[key] and not (rule := rule_for(key)).resumable:
-      problems.append(f"{key}: checkpoint has {json.dumps(old[key])}, this run has "
-                      f"{json.dumps(new[key])} ({rule.why})")
-  return problems
+  return [(key, old[key], new[key]) for key in sorted(old.keys() & new.keys())
+          if old[key] != new[key]]
+
+
+def refused_changes(saved: dict, current: dict) -> list[str]:
+  """One line per setting whose change the checkpoint cannot survive."""
+  return [f"{key}: checkpoint has {json.dumps(old)}, this run has {json.dumps(new)} "
+          f"({rule.why})" for key, old, new in changes(saved, current)
+          if not (rule := rule_for(key)).resumable]
