@@ -11,7 +11,7 @@ from trainer import main as trainer_main
 from trainer_utils import tiny_config
 
 
-def test_export_then_load_gives_the_checkpoints_params_and_logits_bitwise(tmp_path):
+def test_export_then_load_gives_the_checkpoints_params_and_logits_bitwise(tmp_path, capsys):
   workdir = tmp_path / "run"
   config = tiny_config(steps=10, eval_every=0)
   trainer_main.train(config, str(workdir))
@@ -45,3 +45,11 @@ def test_export_then_load_gives_the_checkpoints_params_and_logits_bitwise(tmp_pa
   assert not np.array_equal(model(tokens), untrained_logits)
   with np.load(out, allow_pickle=False) as data:  # plain arrays and a JSON string only
     assert export.CONFIG_KEY in data.files
+
+  # The file is written under the name given, which the message names, suffix or not.
+  other = tmp_path / "model_without_suffix"
+  export.main(["--workdir", str(workdir), "--out", str(other)])
+  assert f"Wrote {other}" in capsys.readouterr().out
+  with np.load(other, allow_pickle=False) as a, np.load(out, allow_pickle=False) as b:
+    assert a.files == b.files and all(np.array_equal(a[k], b[k]) for k in a.files)
+  assert not other.with_suffix(".npz").exists()

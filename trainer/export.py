@@ -47,7 +47,8 @@ def export(workdir: str, out: str) -> None:
   params = restored["params"]
   arrays = {_key(path): np.asarray(leaf)
             for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
-  np.savez(out, **arrays, **{CONFIG_KEY: np.array(json.dumps(model_config))})
+  with open(out, "wb") as file:  # a path would get ".npz" added when it lacks it
+    np.savez(file, **arrays, **{CONFIG_KEY: np.array(json.dumps(model_config))})
 
 
 def load(path: str) -> nnx.Module:
