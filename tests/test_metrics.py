@@ -96,6 +96,34 @@ def test_a_resumed_run_writes_each_step_once(tmp_path):
   assert not list(tmp_path.glob("*.tmp"))
 
 
+def test_a_remote_workdir_gets_every_record_as_it_is_written(tmp_path, monkeypatch):
+  """gs:// paths (through etils.epath, here onto a local "bucket"): metrics.jsonl and
+  the TensorBoard file arrive after each write, a resume drops the records past its
+  start there too, and nothing lands on the local disk under the URL's name."""
+  from etils import epath
+  bucket, cwd = tmp_path / "bucket", tmp_path / "cwd"
+  cwd.mkdir()
+  monkeypatch.chdir(cwd)
+  monkeypatch.setattr(epath, "Path", lambda url: bucket / str(url).split("://", 1)[1])
+  remote = bucket / "b" / "run"
+  steps = lambda: [(r["step"], r["train/loss"]) for r in map(
+      json.loads, (remote / "metrics.jsonl").read_text().splitlines())]
+
+  writer = MetricsWriter("gs://b/run", total_steps=3, progress_bar=False)
+  for step in (1, 2):
+    writer.write(step, {"train/loss": 10.0 + step})
+  assert steps() == [(1, 11.0), (2, 12.0)]  # before close: a killed run keeps them
+  assert [e.step for e in _tensorboard_events(remote / "tensorboard")
+          if e.summary.value] == [1, 2]
+  writer.close()
+  writer = MetricsWriter("gs://b/run", total_steps=3, start_step=1, progress_bar=False)
+  writer.write(2, {"train/loss": 22.0})
+  writer.close()
+  assert steps() == [(1, 11.0), (2, 22.0)]
+  assert len(list((remote / "tensorboard").iterdir())) == 2  # one file per run
+  assert not list(cwd.iterdir())
+
+
 def test_plot_reads_records_in_step_order_last_one_winning(tmp_path):
   records = [(1, 5.0), (2, 4.0), (3, 3.0), (2, 4.5), (3, 3.5), (4, 2.0)]
   (tmp_path / "metrics.jsonl").write_text("".join(

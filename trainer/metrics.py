@@ -1,10 +1,13 @@
 """Metrics out: <workdir>/metrics.jsonl, TensorBoard event files, and the console.
 
+A remote workdir (gs://...) cannot be appended to: its files are written in a local
+temporary directory and copied up whole after each write.
+
 metrics.jsonl holds one JSON object per line: {"step": int, "<group>/<name>": float, ...},
 e.g. "train/loss", "train/bits_per_byte", "eval/loss", "train/lr". Keys are stable;
 readers should ignore keys they do not know. Only process 0 writes. "train/loss" is the
-mean over the steps since the previous log line, the other train/ values the logged
-step's own. A run that starts at step S (a resume) first drops the records past S, so
+mean over the steps since the previous log line (the first line after a resume: since
+the resume), the other train/ values the logged step's own. A run that starts at step S (a resume) first drops the records past S, so
 each step is in the file once.
 """
 
@@ -12,11 +15,14 @@ import json
 import logging as logging_std
 import os
 import pathlib
+import shutil
 import sys
+import tempfile
 import time
 import uuid
 
 from absl import logging
+from etils import epath
 from tensorboardX.event_file_writer import EventsWriter  # no TensorFlow needed
 from tensorboardX.proto.event_pb2 import Event, SessionLog
 from tensorboardX.summary import scalar
@@ -145,11 +151,17 @@ class MetricsWriter:
     self._log_handlers = []  # the ones standing in for console handlers
     if not enabled:
       return
-    path = pathlib.Path(workdir)
+    self._remote = epath.Path(workdir) if "://" in str(workdir) else None
+    path = (pathlib.Path(tempfile.mkdtemp(prefix="metrics_")) if self._remote else
+            pathlib.Path(workdir))
     path.mkdir(parents=True, exist_ok=True)
+    if self._remote and (self._remote / "metrics.jsonl").exists():
+      (path / "metrics.jsonl").write_bytes((self._remote / "metrics.jsonl").read_bytes())
     drop_records_after(path / "metrics.jsonl", start_step)
+    self._local = path
     self._jsonl = open(path / "metrics.jsonl", "a", encoding="utf-8")
     self._tb = EventFile(path / "tensorboard", purge_step=start_step + 1)
+    self._upload()
     if progress_bar is None:
       progress_bar = sys.stderr.isatty()
     if progress_bar:
@@ -169,6 +181,7 @@ class MetricsWriter:
     self._jsonl.write(json.dumps(record) + "\n")
     self._jsonl.flush()
     self._tb.write_scalars(step, {k: v for k, v in record.items() if k != "step"})
+    self._upload()
     summary = ", ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "step")
     if self._bar is None:
       logging.info("step %d: %s", step, summary)
@@ -177,6 +190,17 @@ class MetricsWriter:
     self._bar.set_postfix_str(progress_postfix(self._latest), refresh=False)
     if any(not k.startswith("train/") for k in metrics):  # evals: a line above the bar
       self._bar.write(f"step {step}: {summary}", file=sys.stderr)
+
+  def _upload(self) -> None:
+    """A remote workdir: copy this run's files up (metrics.jsonl whole, with the records
+    of earlier runs it holds; this run's own TensorBoard file)."""
+    if self._remote is None:
+      return
+    for file in sorted(self._local.rglob("*")):
+      if file.is_file():
+        target = self._remote / str(file.relative_to(self._local))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(file.read_bytes())
 
   def advance(self, step: int) -> None:
     """Move the progress bar to `step` (no-op without a terminal)."""
@@ -187,6 +211,9 @@ class MetricsWriter:
     if self._enabled:
       self._jsonl.close()
       self._tb.close()
+      if self._remote is not None:
+        self._upload()
+        shutil.rmtree(self._local, ignore_errors=True)
       if self._bar is not None:
         self._bar.close()
         root = logging_std.getLogger()
