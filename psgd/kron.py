@@ -18,7 +18,7 @@ import functools
 import inspect
 import itertools
 import math
-from typing import Any, Callable, Literal, NamedTuple, Optional, Union
+from typing import Any, Callable, Literal, NamedTuple, Optional, Union, get_args
 
 import jax
 import jax.numpy as jnp
@@ -149,6 +149,16 @@ def _check_args(args: dict):
                      f"{layout_lib.MEMORY_SAVE_MODES}.")
   if args["lr_style"] not in (None, "adam"):
     raise ValueError(f"lr_style={args['lr_style']!r} must be 'adam' or None.")
+  for name in ("precond_update_precision", "precond_grads_precision"):
+    if args[name] not in (None, *get_args(Precision)):
+      raise ValueError(f"{name}={args[name]!r} must be None or one of "
+                       f"{', '.join(get_args(Precision))}.")
+  for name in ("mu_dtype", "precond_dtype"):
+    try:
+      jnp.dtype(args[name] or jnp.float32)
+    except TypeError:
+      raise ValueError(f"{name}={args[name]!r} must be a dtype such as 'bfloat16' "
+                       "(jnp.bfloat16), or None.") from None
   ranges = {
       "b1": (lambda v: 0 <= v < 1, "in [0, 1)"),
       "preconditioner_update_probability": (lambda v: 0 <= v <= 1, "in [0, 1] or a schedule"),

@@ -52,6 +52,9 @@ def _refused(config, workdir, setting: str):
     ("optimizer.learning_rate", NAN),
     ("optimizer.weight_decay", INF),  # any number anywhere in the config
     ("optimizer.kron.preconditioner_lr", -INF),
+    ("optimizer.kron.mu_dtype", "bf16"),  # psgd.kron's own checks, named as settings
+    ("optimizer.kron.precond_update_precision", "bf16"),
+    ("optimizer.b1", 1.5),
     ("train.peak_flops_per_device", NAN),
 ])
 def test_bad_setting_is_refused_naming_it(tmp_path, setting, value):

@@ -505,6 +505,10 @@ def test_works_with_nnx_optimizer():
     (dict(preconditioner_update_probability=1.5), "preconditioner_update_probability"),
     (dict(weight_decay=-0.1), "weight_decay"),
     (dict(lr_style="sgd"), "lr_style"),
+    (dict(mu_dtype="bf16"), "mu_dtype"),
+    (dict(precond_dtype="half-float"), "precond_dtype"),
+    (dict(precond_update_precision="bf16"), "precond_update_precision"),
+    (dict(precond_grads_precision="fast"), "precond_grads_precision"),
 ])
 def test_bad_arguments_raise_value_error_naming_them(kwargs, name):
   with pytest.raises(ValueError, match=name):

@@ -99,11 +99,16 @@ def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int, *,
         decay=kron_args.pop("update_prob_decay"))
     if kron_args.pop("shard_local") and param_sharding is None:
       raise ValueError("optimizer.kron.shard_local=True needs the params' shardings.")
-    tx = psgd.kron(schedule, b1=cfg.b1, weight_decay=cfg.weight_decay,
-                   weight_decay_mask=weight_decay_mask, scanned_layers=scanned_layers,
-                   preconditioner_update_probability=update_prob,
-                   param_sharding=param_sharding if cfg.kron.shard_local else None,
-                   **kron_args)
+    try:
+      tx = psgd.kron(schedule, b1=cfg.b1, weight_decay=cfg.weight_decay,
+                     weight_decay_mask=weight_decay_mask, scanned_layers=scanned_layers,
+                     preconditioner_update_probability=update_prob,
+                     param_sharding=param_sharding if cfg.kron.shard_local else None,
+                     **kron_args)
+    except ValueError as error:  # psgd names its argument: name the setting instead
+      name = str(error).split("=")[0]
+      section = "optimizer.kron." if name in cfg.kron else "optimizer."
+      raise ValueError(f"{section}{error}") from None
   elif cfg.name == "muon":
     tx = muon(schedule, cfg, weight_decay_mask, matrix_axes)
   else:
