@@ -15,8 +15,9 @@ from absl import logging
 from tensorboardX.proto.event_pb2 import Event, SessionLog
 from tqdm import tqdm
 
-from trainer.metrics import (PROGRESS_FORMAT, MeanSinceLog, MetricsWriter, format_eta,
-                             progress_postfix)
+from trainer import metrics
+from trainer.metrics import (PROGRESS_FORMAT, MeanSinceLog, MetricsWriter, StepTimer,
+                             format_eta, progress_postfix)
 from trainer_utils import REPO
 
 
@@ -122,6 +123,22 @@ def test_a_remote_workdir_gets_every_record_as_it_is_written(tmp_path, monkeypat
   assert steps() == [(1, 11.0), (2, 22.0)]
   assert len(list((remote / "tensorboard").iterdir())) == 2  # one file per run
   assert not list(cwd.iterdir())
+
+
+def test_step_time_leaves_out_evaluations(monkeypatch):
+  clock = [100.0]
+  monkeypatch.setattr(metrics.time, "perf_counter", lambda: clock[0])
+  timer = StepTimer()
+  for _ in range(4):
+    clock[0] += 0.5  # a step
+    timer.tick()
+    if _ == 1:
+      with timer.paused():
+        clock[0] += 30.0  # an evaluation between steps
+  assert timer.lap() == 0.5
+  clock[0] += 2.0
+  timer.tick()
+  assert timer.lap() == 2.0  # the next lap starts where this one ended
 
 
 def test_plot_reads_records_in_step_order_last_one_winning(tmp_path):

@@ -191,7 +191,8 @@ def train(config, workdir: str, devices=None) -> tuple[step_lib.TrainState, dict
           last.update(logged)
         if config.train.eval_every and (step % config.train.eval_every == 0 or
                                         step == total_steps):
-          eval_metrics = run.evaluate(state.params)
+          with timer.paused():  # step_time and tokens_per_sec are the training's
+            eval_metrics = run.evaluate(state.params)
           writer.write(step, eval_metrics)
           last.update(eval_metrics)
         # Skipped steps in a row as of the previous step: reading that count waits only

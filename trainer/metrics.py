@@ -11,6 +11,7 @@ the resume), the other train/ values the logged step's own. A run that starts at
 each step is in the file once.
 """
 
+import contextlib
 import json
 import logging as logging_std
 import os
@@ -244,13 +245,22 @@ class MeanSinceLog:
 
 
 class StepTimer:
-  """Wall time per step between two logging points."""
+  """Wall time per step between two logging points, evaluations left out."""
 
   def __init__(self):
     self._last, self._steps = time.perf_counter(), 0
 
   def tick(self) -> None:
     self._steps += 1
+
+  @contextlib.contextmanager
+  def paused(self):
+    """The time spent inside (an evaluation) does not count towards the steps'."""
+    start = time.perf_counter()
+    try:
+      yield
+    finally:
+      self._last += time.perf_counter() - start
 
   def lap(self) -> float:
     now = time.perf_counter()
