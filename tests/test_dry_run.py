@@ -9,11 +9,13 @@ import sys
 import jax
 import jax.numpy as jnp
 import pytest
+from jax.experimental import mesh_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import models
 from trainer import dry_run
+from trainer import mesh as mesh_lib
 from trainer import setup as setup_lib
 from trainer_utils import REPO, tiny_config
 
@@ -111,17 +113,21 @@ def test_collectives_are_counted_with_their_bytes_in_a_compiled_program():
 
 def test_async_collectives_count_their_results_once():
   # TPU programs start and finish collectives apart; a gather's start holds operands then
-  # results, an all-reduce's its results; the -done ops are not counted again.
+  # results (a permute's then two u32[] of context, as XLA writes them for a TPU), an
+  # all-reduce's its results; the -done ops are not counted again.
   hlo = """
     %ags = ((f32[2]{0}, bf16[4]{0}), (f32[16]{0}, bf16[32]{0})) all-gather-start(%a, %b)
     %agd = (f32[16]{0}, bf16[32]{0}) all-gather-done(%ags)
     %ars = f32[4,4]{1,0} all-reduce-start(%c), to_apply=%add
     %ard = f32[4,4]{1,0} all-reduce-done(%ars)
     %fusion = f32[16]{0} fusion(f32[16]{0} %agd), calls=%all-gather.clone
+    %cps = (f32[1024]{0:T(1024)}, f32[1024]{0:T(1024)}, u32[]{:S(2)}, u32[]{:S(2)}) collective-permute-start(%d), source_target_pairs={{0,1},{1,0}}
+    %cpd = f32[1024]{0:T(1024)} collective-permute-done(%cps)
   """
   found = dry_run.collectives(hlo)
   assert found["all-gather"] == (1, 16 * 4 + 32 * 2)
   assert found["all-reduce"] == (1, 64)
+  assert found["collective-permute"] == (1, 1024 * 4)  # the result, not the u32[] context
   assert found["all-to-all"] == (0, 0)
 
 
@@ -182,3 +188,20 @@ def test_llm_gpu_builds_and_compiles_on_as_many_fake_devices_as_it_has_gpus(node
   assert f"{gpus} x cpu on 1 host(s), mesh {{'data': 1, 'fsdp': {gpus}, 'tensor': 1}}" in (
       result.stdout)
   assert "Compiled train step cost per device (kron):" in result.stdout
+
+
+@needs_libtpu
+@pytest.mark.parametrize("topology, shape", [("v5p:2x2x2", (1, 4, 2)), ("v5p:4x4x4", (1, 32, 2))])
+def test_the_dry_run_lays_out_the_mesh_a_run_on_the_slice_builds(topology, shape):
+  """Topology devices report the coordinates and kind of a real slice's. Where
+  jax.make_mesh has a layout, the run's mesh is it; where it has none (a tensor axis of
+  2 on the 4x4x4 torus), both split physical axes instead of failing on the slice."""
+  devices = dry_run.target_devices(topology)
+  mesh = mesh_lib.make_mesh(("data", "fsdp", "tensor"), shape, devices)
+  assert dict(mesh.shape) == dict(zip(("data", "fsdp", "tensor"), shape))
+  try:
+    expected = jax.make_mesh(shape, ("data", "fsdp", "tensor"), devices=devices).devices
+  except NotImplementedError:
+    assert topology == "v5p:4x4x4"
+    expected = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+  assert [d.id for d in mesh.devices.flat] == [d.id for d in expected.flat]

@@ -84,13 +84,17 @@ def collectives(hlo_text: str) -> dict[str, tuple[int, float]]:
 
   Bytes are those of each op's result (the gathered array of an all-gather, the
   scattered part of a reduce-scatter). An async start's result of a gather or permute
-  holds its operands, then its results: only the results count.
+  holds its operands, then its results, then (permutes, all-to-alls) u32[] context
+  scalars: only the results count.
   """
   found = {kind: [0, 0.0] for kind in COLLECTIVES}
   for match in _COLLECTIVE_OP.finditer(hlo_text):
-    arrays = [_array_bytes(*a) for a in _ARRAY.findall(match["shape"])]
+    shapes = _ARRAY.findall(match["shape"])
     if match["start"] and match["kind"] != "all-reduce":
-      arrays = arrays[len(arrays) // 2:]
+      while shapes and shapes[-1] == ("u32", ""):
+        shapes.pop()
+      shapes = shapes[len(shapes) // 2:]
+    arrays = [_array_bytes(*a) for a in shapes]
     found[match["kind"]][0] += 1
     found[match["kind"]][1] += sum(arrays)
   return {kind: (count, size) for kind, (count, size) in found.items()}

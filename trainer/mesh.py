@@ -4,7 +4,7 @@ import math
 from typing import Sequence
 
 import jax
-import numpy as np
+from jax.experimental import mesh_utils
 
 
 def resolve_shape(axes: Sequence[str], shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
@@ -30,12 +30,20 @@ def resolve_shape(axes: Sequence[str], shape: Sequence[int], num_devices: int) -
 
 
 def make_mesh(axes: Sequence[str], shape: Sequence[int], devices=None) -> jax.sharding.Mesh:
-  """A mesh with Auto axes (sharding propagated by the compiler) over `devices`."""
+  """A mesh with Auto axes (sharding propagated by the compiler) over `devices`.
+
+  TPU devices are laid out along the torus as jax.make_mesh lays them out, keeping its
+  physical axes whole; where no such layout exists (a tensor axis of 2 on v5p-128's
+  4x4x4 torus) they are split. The dry run's topology devices take the same path, so it
+  compiles the mesh the run will build.
+  """
   devices = jax.devices() if devices is None else list(devices)
   shape = resolve_shape(axes, shape, len(devices))
-  if devices == jax.devices():
-    return jax.make_mesh(shape, tuple(axes), axis_types=(jax.sharding.AxisType.Auto,) * len(axes))
-  return jax.sharding.Mesh(np.asarray(devices).reshape(shape), tuple(axes),
+  try:
+    grid = mesh_utils.create_device_mesh(shape, devices)
+  except NotImplementedError:
+    grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+  return jax.sharding.Mesh(grid, tuple(axes),
                            axis_types=(jax.sharding.AxisType.Auto,) * len(axes))
 
 
