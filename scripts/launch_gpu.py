@@ -79,7 +79,7 @@ def trainer_command(args, coordinator: str, num_processes: str, process_id: str)
 
 def ssh_commands(args) -> list[list[str]]:
   hosts = args.hosts.split(",")
-  coordinator = f"{hosts[0]}:{args.port}"
+  coordinator = f"{hosts[0].rsplit('@', 1)[-1]}:{args.port}"  # user@node1: ssh's, not JAX's
   return [["ssh", "-o", "BatchMode=yes", host,
            trainer_command(args, coordinator, str(len(hosts)), str(i))]
           for i, host in enumerate(hosts)]

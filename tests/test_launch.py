@@ -61,10 +61,11 @@ def test_tpu_launcher_queued_resource():
 
 
 def test_gpu_launcher_over_ssh_gives_each_node_its_process_id():
-  lines = dry_run("launch_gpu.py", "ssh", "--hosts", "gpu1,gpu2,gpu3", "--config",
+  # A host may name its ssh user; the coordinator address is the host alone.
+  lines = dry_run("launch_gpu.py", "ssh", "--hosts", "me@gpu1,gpu2,gpu3", "--config",
                   "configs/cpu_lm.py", "--workdir", "/shared/run", "--port", "9999")
   assert len(lines) == 3
-  for i, (line, host) in enumerate(zip(lines, ("gpu1", "gpu2", "gpu3"))):
+  for i, (line, host) in enumerate(zip(lines, ("me@gpu1", "gpu2", "gpu3"))):
     argv = shlex.split(line)
     assert argv[:4] == ["ssh", "-o", "BatchMode=yes", host]
     remote = shlex.split(argv[4].split(" && ", 1)[1])
