@@ -300,14 +300,16 @@ def _stored(s: KronSettings, factors):
 
 def _stored_refitted(s: KronSettings, layouts, factors, seeds):
   """Refitted factors in their storage dtype: rounded to bfloat16 stochastically
-  (`fitting.round_stochastically`) from float32, with each block's own seed, so a
-  stacked parameter rounds as its layers given separately would."""
+  (`fitting.round_stochastically`) from float32 (float64 fits go through float32),
+  with each block's own seed, so a stacked parameter rounds as its layers given
+  separately would."""
   if s.precond_dtype != jnp.bfloat16:
     return _stored(s, factors)
 
   def one(lay, fs, seeds):
-    return tuple(jax.vmap(fitting.round_stochastically)(f, fitting.mix(seeds, k))
-                 if f.dtype == jnp.float32 else f.astype(s.precond_dtype)
+    return tuple(jax.vmap(fitting.round_stochastically)(f.astype(jnp.float32),
+                                                        fitting.mix(seeds, k))
+                 if f.dtype.itemsize > 2 else f.astype(s.precond_dtype)
                  for k, f in enumerate(fs))
 
   return _map_params(one, layouts, factors, seeds)

@@ -127,7 +127,7 @@ def plan_layout(shape: tuple[int, ...], scanned: bool, *, max_size: int, max_ske
   sizes = [d // b for d, b in zip(dims, blocks)]
   unsharded = [size * math.prod(shards[i] for i in g) for size, g in zip(sizes, groups)]
   numel = math.prod(unsharded)
-  dense = [d > 1 and d <= max_size and w * w <= max_skew * numel and len(inner) >= min_ndim
+  dense = [d > 1 and w <= max_size and w * w <= max_skew * numel and len(inner) >= min_ndim
            for d, w in zip(sizes, unsharded)]
   if memory_save_mode == "all_diag":
     dense = [False] * len(sizes)

@@ -27,7 +27,8 @@ def as_matrix(f: jax.Array) -> np.ndarray:
 
 
 def fit_on_gaussian_gradients(mode: str, cov_rows: np.ndarray, cov_cols: np.ndarray,
-                              steps: int, preconditioner_lr: float = 0.05, **kwargs):
+                              steps: int, preconditioner_lr: float = 0.05,
+                              grad_dtype=jnp.float32, **kwargs):
   """Run scale_by_kron on gradients G = A^1/2 Z B^1/2, so Cov(vec G) = A (x) B."""
   m, n = len(cov_rows), len(cov_cols)
   tx = psgd.scale_by_kron(b1=0.0, preconditioner_update_probability=1.0,
@@ -37,11 +38,12 @@ def fit_on_gaussian_gradients(mode: str, cov_rows: np.ndarray, cov_cols: np.ndar
   right = jnp.asarray(matrix_power(cov_cols, 0.5), jnp.float32)
 
   def body(state, key):
-    _, state = tx.update(left @ jax.random.normal(key, (m, n)) @ right, state)
+    grad = left @ jax.random.normal(key, (m, n), jnp.float32) @ right
+    _, state = tx.update(grad.astype(grad_dtype), state)
     return state, None
 
   run = jax.jit(lambda s: jax.lax.scan(body, s, jax.random.split(jax.random.key(0), steps))[0])
-  return run(tx.init(jnp.zeros((m, n))))
+  return run(tx.init(jnp.zeros((m, n), grad_dtype)))
 
 
 @pytest.mark.parametrize("mode", psgd.MODES)
@@ -316,3 +318,11 @@ def test_bf16_factors_keep_fitting_when_each_refit_moves_less_than_their_resolut
       "Q0.5EQ1.5", cov_rows, cov_cols, 0, preconditioner_init_scale=1.0), cov_rows, cov_cols)
   assert start > 0.3, start
   assert error[jnp.bfloat16] < 1.5 * error[jnp.float32] + 0.01, error
+  with jax.enable_x64(True):  # float64 gradients fit in float64, stored the same way
+    fitted = fit_on_gaussian_gradients(
+        "Q0.5EQ1.5", cov_rows, cov_cols, 1000, preconditioner_lr=0.01,
+        memory_save_mode="all_diag", preconditioner_init_scale=1.0,
+        precond_dtype=jnp.bfloat16, grad_dtype=jnp.float64)
+    assert fitted.factors[0].dtype == jnp.bfloat16
+    error64 = whitening_error("Q0.5EQ1.5", fitted, cov_rows, cov_cols)
+  assert error64 < 1.5 * error[jnp.float32] + 0.01, (error64, error)

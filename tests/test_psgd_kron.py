@@ -98,6 +98,11 @@ def test_shard_local_blocks_are_each_devices_shard_in_shards_layers_blocks_order
       block_size=None, shards=shards)
   assert plan((4, 2)).dense == plan(None).dense == (True, True)
   assert plan((4, 2)).block_shape == (32, 256)
+  # The same for max_size: a dim the whole layer makes diagonal stays so when cut.
+  small_max = lambda shards: layout_lib.plan_layout(
+      (128, 512), False, max_size=256, max_skew=4.0, min_ndim=2, memory_save_mode=None,
+      block_size=None, shards=shards)
+  assert small_max((4, 2)).dense == small_max(None).dense == (True, False)
   with pytest.raises(ValueError, match="shards"):
     layout_lib.plan_layout((8, 12), False, max_size=8192, max_skew=1.0, min_ndim=2,
                            memory_save_mode=None, block_size=None, shards=(3, 1))
