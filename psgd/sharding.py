@@ -14,14 +14,17 @@ The rule (each state leaf of a parameter with spec `ps`):
   * cached P factors (cache_preconditioner): as the factors;
   * Lipschitz memory (batch, number of factors): the batch axis as above;
   * step count, key and flags: replicated.
-Any other leaf of an optax chain around `scale_by_kron` (e.g. a schedule's count) is a
-scalar and replicated.
+Any other leaf of the optimizer's state that has a parameter's shape at that
+parameter's path (optax.MultiSteps' accumulated gradients, another optimizer's moments)
+is placed like the parameter; the rest (a schedule's count) is replicated. Parameters
+that optax.masked leaves out have no state, and no specs.
 """
 
 import math
 from typing import Any
 
 import jax
+import optax
 from jax.sharding import PartitionSpec as P
 
 from psgd.kron import KronState, axis_names, batch_mesh_axes, mask_like, padded_spec
@@ -64,9 +67,10 @@ def kron_state_specs(state: KronState, params, param_specs, mesh, scanned_layers
   mesh_shape = dict(mesh.shape)
   scanned = mask_like(scanned_layers, params, "scanned_layers")
   is_spec = lambda x: isinstance(x, P)
+  masked = lambda x: isinstance(x, optax.MaskedNode)  # left out by optax.masked
   batch_axes = jax.tree_util.tree_map_with_path(
-      lambda path, p, spec, s, lip: P(_batch_axes(path, p, spec, s, lip, mesh_shape,
-                                                  shard_local)),
+      lambda path, p, spec, s, lip: lip if masked(lip) else P(
+          _batch_axes(path, p, spec, s, lip, mesh_shape, shard_local)),
       params, param_specs, scanned, state.lipschitz, is_leaf=is_spec)
 
   def factor_spec(batch, factor):
@@ -80,7 +84,8 @@ def kron_state_specs(state: KronState, params, param_specs, mesh, scanned_layers
 
   return KronState(
       count=P(), key=P(),
-      mu=None if state.mu is None else param_specs,
+      mu=None if state.mu is None else jax.tree.map(
+          lambda spec, m: m if masked(m) else spec, param_specs, state.mu, is_leaf=is_spec),
       factors=slot_specs(state.factors),
       precond=None if state.precond is None else slot_specs(state.precond),
       lipschitz=jax.tree.map(lambda b, _: P(_entry(axis_names(b[0])), None), batch_axes,
@@ -88,9 +93,28 @@ def kron_state_specs(state: KronState, params, param_specs, mesh, scanned_layers
       initialized=P(), num_updates=P())
 
 
+def _like_params(params, param_specs):
+  """f(path, leaf): the spec of the parameter whose path ends `path` and whose shape is
+  the leaf's, else replicated."""
+  by_path = {tuple(path): (leaf.shape, spec) for (path, leaf), spec in zip(
+      jax.tree_util.tree_flatten_with_path(params)[0],
+      jax.tree.leaves(param_specs, is_leaf=lambda x: isinstance(x, P)))}
+  longest = max(map(len, by_path), default=0)
+
+  def spec_of(path, leaf):
+    for n in range(min(longest, len(path)), 0, -1):
+      shape, spec = by_path.get(tuple(path[-n:]), (None, None))
+      if shape == tuple(leaf.shape):
+        return spec
+    return P()
+  return spec_of
+
+
 def state_partition_specs(opt_state: Any, params, param_specs, mesh, scanned_layers=None,
                           shard_local: bool = False) -> Any:
-  """PartitionSpecs for an optimizer state holding `KronState`s (e.g. `psgd.kron`'s).
+  """PartitionSpecs for an optimizer state: `KronState`s (e.g. `psgd.kron`'s) by the
+  rule above, every other leaf like the parameter it has the shape and path of, or
+  replicated. Any optax optimizer's state works (its moments go like the params).
 
   `opt_state` may be abstract (`jax.eval_shape(tx.init, params)`); `param_specs` is a
   tree of PartitionSpecs matching `params`; `mesh` gives the axis sizes;
@@ -100,7 +124,9 @@ def state_partition_specs(opt_state: Any, params, param_specs, mesh, scanned_lay
   (each device then holds the factors of its own shards).
   """
   is_kron = lambda x: isinstance(x, KronState)
-  return jax.tree.map(
-      lambda s: (kron_state_specs(s, params, param_specs, mesh, scanned_layers, shard_local)
-                 if is_kron(s) else P()),
+  like_params = _like_params(params, param_specs)
+  return jax.tree_util.tree_map_with_path(
+      lambda path, s: (kron_state_specs(s, params, param_specs, mesh, scanned_layers,
+                                        shard_local)
+                       if is_kron(s) else like_params(path, s)),
       opt_state, is_leaf=is_kron)

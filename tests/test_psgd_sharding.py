@@ -78,6 +78,24 @@ def test_state_specs_spread_factors_and_jit_matches_one_device():
     np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
 
 
+def test_state_specs_under_masked_and_multisteps():
+  """optax.masked leaves some params without state (and specs); MultiSteps keeps a
+  gradient per param, placed like it; both specs trees fit their states."""
+  mesh = jax.make_mesh((4, 2), ("f", "t"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  params = {"w": jnp.ones((8, 6)), "b": jnp.ones(8)}
+  param_specs = {"w": P("f", "t"), "b": P("f")}
+  for tx in (optax.masked(psgd.kron(1e-3), {"w": True, "b": False}),
+             optax.MultiSteps(psgd.kron(1e-3), 2)):
+    state = jax.eval_shape(tx.init, params)
+    specs = psgd.state_partition_specs(state, params, param_specs, mesh)
+    shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
+                             is_leaf=lambda x: isinstance(x, P))
+    placed = jax.jit(tx.init, out_shardings=shardings)(params)  # the specs fit the state
+    assert jax.tree.structure(placed) == jax.tree.structure(state)
+  assert specs.acc_grads == param_specs
+  assert specs.inner_opt_state[0].mu == param_specs
+
+
 def test_per_dim_factors_shard_and_match_one_device():
   # merge_dims=False: an attention-like (layers, embed, heads, head_dim) param has three
   # factors per layer, a matrix two; the matrix's third slot holds a (batch, 1) placeholder.

@@ -105,32 +105,11 @@ def _check_divisible(abstract_params, param_specs, mesh) -> None:
 
 
 def _opt_state_specs(config, tx, abstract_params, param_specs, mesh, scanned_layers):
+  """Kron's factors by psgd's rule; every optimizer's params-shaped leaves (moments,
+  Muon's momentum) like their parameter; the rest (counts, scalars) replicated."""
   abstract_state = jax.eval_shape(tx.init, abstract_params)
-  if config.optimizer.name == "kron":
-    return psgd.state_partition_specs(abstract_state, abstract_params, param_specs, mesh,
-                                      scanned_layers, config.optimizer.kron.shard_local)
-  return _specs_like_params(abstract_state, abstract_params, param_specs)
-
-
-def _specs_like_params(abstract_state, abstract_params, param_specs):
-  """optax optimizers: a state leaf whose key path ends with a parameter's path and
-  has its shape (a moment, Muon's momentum) is placed like that parameter; everything
-  else (counts, scalars) is replicated. Read from paths rather than through
-  optax.tree_map_params, which cannot trace optimizers that label params by a
-  function of them, such as optax.contrib.muon."""
-  by_path = {tuple(path): (leaf.shape, spec) for (path, leaf), spec in zip(
-      jax.tree_util.tree_flatten_with_path(abstract_params)[0],
-      jax.tree.leaves(param_specs, is_leaf=lambda x: isinstance(x, P)))}
-  longest = max(map(len, by_path), default=0)
-
-  def spec_of(path, leaf):
-    for n in range(min(longest, len(path)), 0, -1):
-      shape, spec = by_path.get(tuple(path[-n:]), (None, None))
-      if shape == leaf.shape:
-        return spec
-    return P()
-
-  return jax.tree_util.tree_map_with_path(spec_of, abstract_state)
+  return psgd.state_partition_specs(abstract_state, abstract_params, param_specs, mesh,
+                                    scanned_layers, config.optimizer.kron.shard_local)
 
 
 def build_setup(config, devices=None, check_vocab: bool = True,
