@@ -2,9 +2,10 @@
 
 Each task is trained by optax.adamw, optax.contrib.muon (consistent_rms=0.2, so AdamW's
 learning rate carries over) and psgd.kron, every one at its library defaults apart
-from the learning rate, which is swept over the same 4 log-spaced points, under a
-cosine and a constant schedule (both after a short linear warmup). Same init, batches
-and seeds for all. Printed: each optimizer's best held-out loss per task and schedule
+from the learning rate and weight decay (none for any: optax.adamw's default is 1e-4,
+Muon's and Kron's 0), with the learning rate swept over the same 4 log-spaced points,
+under a cosine and a constant schedule (both after a short linear warmup). Same init,
+batches and seeds for all. Printed: each optimizer's best held-out loss per task and schedule
 (the mean over seeds), and Kron's over each baseline's, with several seeds also as the
 mean paired difference +- its standard error.
 
@@ -121,8 +122,8 @@ TASKS = {"digits": digits_task, "teacher": teacher_task, "deep_linear": deep_lin
 
 
 def optimizer(name: str, schedule, kron_args: str = "{}"):
-  """The optimizer a user would pick, at its library defaults but the learning rate
-  (and, for Kron, the JSON object `kron_args` of psgd.kron arguments)."""
+  """The optimizer a user would pick, at its library defaults but the learning rate and
+  no weight decay (and, for Kron, the JSON object `kron_args` of psgd.kron arguments)."""
   if name == "adamw":
     return optax.adamw(schedule, weight_decay=0.0)
   if name == "muon":
