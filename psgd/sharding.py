@@ -95,7 +95,9 @@ def kron_state_specs(state: KronState, params, param_specs, mesh, scanned_layers
 
 def _like_params(params, param_specs):
   """f(path, leaf): the spec of the parameter whose path ends `path` and whose shape is
-  the leaf's, else replicated."""
+  the leaf's, else replicated. Read from paths rather than through
+  optax.tree_map_params, which cannot trace optimizers that label params by a function
+  of them, such as optax.contrib.muon."""
   by_path = {tuple(path): (leaf.shape, spec) for (path, leaf), spec in zip(
       jax.tree_util.tree_flatten_with_path(params)[0],
       jax.tree.leaves(param_specs, is_leaf=lambda x: isinstance(x, P)))}
