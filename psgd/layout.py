@@ -21,6 +21,7 @@ the block's dim exceeds max_size or when the layer's dim is too skewed for its s
 
 import dataclasses
 import math
+import warnings
 from typing import Literal, Optional, get_args
 
 import jax.numpy as jnp
@@ -99,10 +100,19 @@ def _groups(shape: tuple[int, ...], merge: bool) -> tuple[tuple[int, ...], ...]:
 
 
 def num_blocks(size: int, block_size: Optional[int]) -> int:
-  """Fewest equal blocks no larger than block_size (1 when no blocking)."""
+  """Fewest equal blocks no larger than block_size (1 when no blocking); a warning when
+  they come out under half of it (a size with no divisor near it: a prime is cut into
+  blocks of 1, as good as a diagonal factor)."""
   if block_size is None or size <= block_size:
     return 1
-  return next(k for k in range(2, size + 1) if size % k == 0 and size // k <= block_size)
+  count = next(k for k in range(2, size + 1) if size % k == 0 and size // k <= block_size)
+  if size // count < block_size / 2:
+    warnings.warn(
+        f"block_size={block_size} cuts a dim of size {size} into {count} blocks of "
+        f"{size // count}: {size} has no divisor near {block_size}. Pad that dim (e.g. the "
+        "vocabulary) to a multiple of a size near block_size, or pick a block_size that "
+        "divides it.", stacklevel=2)
+  return count
 
 
 def plan_layout(shape: tuple[int, ...], scanned: bool, *, max_size: int, max_skew: float,

@@ -2,6 +2,7 @@
 
 import importlib
 import math
+import warnings
 
 import jax
 import jax.extend
@@ -45,6 +46,16 @@ def test_layout_reshapes_to_most_square_and_picks_factor_kinds():
   one_diag = layout_lib.plan_layout((64, 32), False, max_size=8192, max_skew=float("inf"),
                                     min_ndim=2, memory_save_mode="one_diag", block_size=None)
   assert one_diag.dense == (False, True)
+
+
+def test_a_block_size_far_from_every_divisor_is_warned_of():
+  with pytest.warns(UserWarning, match="block_size=6 cuts a dim of size 13 into 13 blocks"):
+    assert layout_lib.num_blocks(13, 6) == 13
+  with pytest.warns(UserWarning, match="29 blocks of 1733"):  # 50257 = 29 x 1733
+    assert layout_lib.num_blocks(50257, 4096) == 29
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    assert layout_lib.num_blocks(1000, 512) == 2 and layout_lib.num_blocks(4096, 1024) == 4
 
 
 def test_blocks_split_a_huge_dim_and_round_trip():
