@@ -106,12 +106,11 @@ def time_steps(args, runs) -> str:
   that machine noise hits all alike; Kron at p=1 (the default schedule's first steps)
   and at its floor."""
   def lr(opt, mode=None):
-    if not runs:
+    swept = [r for r in runs if r["optimizer"] == opt and (opt != "kron" or r["mode"] == mode)
+             and r["width"] == 1 and r["steps"] == args.steps]
+    if not swept:  # not in this sweep (AdamW, the baseline, is timed all the same)
       return load_config(args.config).optimizer.learning_rate
-    return min((r for r in runs if r["optimizer"] == opt and
-                (opt != "kron" or r["mode"] == mode) and
-                r["width"] == 1 and r["steps"] == args.steps),
-               key=lambda r: r["best"])["lr"]
+    return min(swept, key=lambda r: r["best"])["lr"]
   timed = ({r["optimizer"] for r in runs} if runs else set(args.optimizers.split(",")))
   timers = {"adamw": step_timer(args, "adamw", "-", lr("adamw"))}
   if "muon" in timed:
@@ -228,7 +227,8 @@ def main():
   parser.add_argument("--out", default="docs/convergence")
   parser.add_argument("--focus_modes", default=None,
                       help="Kron modes (at their best lr) timed against AdamW and rerun "
-                           "with the shorter budget; default: the config's mode")
+                           "with the shorter budget; default: the config's mode if "
+                           "--modes has it, else the first of --modes")
   parser.add_argument("--budget_fraction", type=float, default=0.75,
                       help="shorter budget, as a fraction of --steps (0: none)")
   parser.add_argument("--time_rounds", type=int, default=20, help="0: no timing")
@@ -239,8 +239,12 @@ def main():
                       help="keep the runs in <out>/runs.json made with the same --config and "
                            "--steps (reported with this sweep's), and skip redoing them")
   args = parser.parse_args()
-  if args.focus_modes is None:
-    args.focus_modes = load_config(args.config).optimizer.kron.preconditioner_mode
+  modes = args.modes.split(",")
+  if args.focus_modes is None:  # the config's mode, if swept (else the first swept)
+    config_mode = load_config(args.config).optimizer.kron.preconditioner_mode
+    args.focus_modes = config_mode if args.time_only or config_mode in modes else modes[0]
+  if not args.time_only and not set(args.focus_modes.split(",")) <= set(modes):
+    parser.error(f"--focus_modes={args.focus_modes} must be among --modes={args.modes}.")
   if args.time_only:
     print(time_steps(args, []))
     return
@@ -248,8 +252,10 @@ def main():
   out.mkdir(parents=True, exist_ok=True)
   done = {}
   if args.resume and (out / "runs.json").exists():
+    budget = round(args.budget_fraction * args.steps)
     done = {run_key(r): r for r in json.loads((out / "runs.json").read_text())
-            if r.get("config") == args.config}
+            if r.get("config") == args.config and (r["steps"] == args.steps or (
+                r["optimizer"] == "kron" and r["steps"] == budget))}
   requested = []
   for width in [int(w) for w in args.widths.split(",")]:
     for optimizer in args.optimizers.split(","):
