@@ -332,9 +332,8 @@ class Checkpointer:
                  resume_rules.changes(saved_config, config)]
       if changed and not problems[0].startswith("config "):
         # Arrays differ though no refused setting changed: one of these did it.
-        hint = ("Settings changed since the checkpoint: " + ", ".join(changed[:8]) +
-                ". One of them changes the saved state's arrays; set it back, or " +
-                hint[0].lower() + hint[1:])
+        hint = (f"Settings changed since the checkpoint: {', '.join(changed[:8])}. One of "
+                f"them changes the saved state's arrays: set it back. {hint}")
       kron = config.get("optimizer", {}).get("kron", {})
       if kron.get("shard_local") and any(p.startswith("opt_state.") for p in problems):
         hint = ("optimizer.kron.shard_local=True cuts the PSGD factors by the mesh, so they "
