@@ -14,6 +14,9 @@ def precond_update_prob_schedule(max_prob: float = 1.0, min_prob: float = 0.03,
   for name, value in (("max_prob", max_prob), ("min_prob", min_prob)):
     if not 0.0 <= value <= 1.0:
       raise ValueError(f"precond_update_prob_schedule: {name}={value} must be in [0, 1].")
+  for name, value in (("decay", decay), ("flat_start", flat_start)):
+    if not value >= 0:
+      raise ValueError(f"precond_update_prob_schedule: {name}={value} must be >= 0.")
 
   def schedule(count):
     prob = max_prob * jnp.exp(-decay * (jnp.asarray(count, jnp.float32) - flat_start))

@@ -56,6 +56,18 @@ def _refused(config, workdir, setting: str):
     ("optimizer.kron.precond_update_precision", "bf16"),
     ("optimizer.b1", 1.5),
     ("train.peak_flops_per_device", NAN),
+    ("train.peak_flops_per_device", -1.0),
+    ("train.stop_at", 41),  # tiny_config's steps are 40
+    ("checkpoint.keep_every", 15),  # not a multiple of save_every=10: never saved
+    ("data.shuffle_seed", -1),
+    ("data.tfds_name", "lm1b"),  # set, but data.source='stdlib' does not read it
+    ("data.files_glob", "corpus/*.txt"),
+    ("optimizer.grad_clip_norm", -1.0),  # would flip the gradients' sign
+    ("optimizer.min_lr_ratio", -1.0),  # would make the learning rate negative
+    ("optimizer.b2", 1.5),
+    ("optimizer.muon.consistent_rms", -1.0),
+    ("optimizer.kron.update_prob_floor", 2.0),  # psgd's schedule, named as the setting
+    ("optimizer.kron.update_prob_decay", -0.5),
 ])
 def test_bad_setting_is_refused_naming_it(tmp_path, setting, value):
   config = tiny_config()
@@ -69,6 +81,22 @@ def test_dry_run_gets_the_config_checks():
   config.data.seq_len = 0
   with pytest.raises(ValueError, match=re.escape("data.seq_len=")):
     setup_lib.build_setup(config, jax.devices()[:1], check_vocab=False)
+
+
+def test_mesh_rules_naming_an_axis_the_mesh_lacks_are_refused():
+  config = tiny_config()
+  config.mesh.axes = ("data", "fsdp", "model")  # the rules map to 'tensor'
+  with pytest.raises(ValueError, match=r"mesh\.rules maps 'vocab' to 'tensor'.*no axis"):
+    setup_lib.build_setup(config, jax.devices()[:1], check_vocab=False)
+
+
+def test_a_tokenizer_file_that_is_not_a_sentencepiece_model_is_refused(tmp_path):
+  junk = tmp_path / "notes.txt"
+  junk.write_text("not a model")
+  config = tiny_config()
+  config.data.tokenizer = str(junk)
+  message = _refused(config, tmp_path / "run", "is not a SentencePiece .model file")
+  assert str(junk) in message
 
 
 def test_words_that_are_not_flags_are_refused(tmp_path):

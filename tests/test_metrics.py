@@ -15,7 +15,7 @@ from absl import logging
 from tensorboardX.proto.event_pb2 import Event, SessionLog
 from tqdm import tqdm
 
-from trainer import metrics
+from trainer import metrics, paths
 from trainer.metrics import (PROGRESS_FORMAT, MeanSinceLog, MetricsWriter, StepTimer,
                              format_eta, progress_postfix)
 from trainer_utils import REPO
@@ -194,3 +194,16 @@ def test_progress_bar_keeps_eval_lines_and_warnings_out_of_its_line(tmp_path, ca
   assert any("loss 2.5, 10.0k tok/s" in p for p in bars)
   assert not any("warning" in p or "eval/loss" in p for p in bars)
   assert "a library warning" in pieces and "step 1: eval/loss=2.75" in pieces
+
+
+def test_write_whole_leaves_the_old_file_when_the_new_one_cannot_be_written(tmp_path):
+  """As on a full disk: the write of the replacement fails, the old file is untouched."""
+  path = tmp_path / "config.json"
+  path.write_text("old")
+  (tmp_path / "config.json.tmp").mkdir()  # the replacement's write fails
+  with pytest.raises(OSError):
+    paths.write_whole(path, "new")
+  assert path.read_text() == "old"
+  (tmp_path / "config.json.tmp").rmdir()
+  paths.write_whole(path, "new")
+  assert path.read_text() == "new" and not (tmp_path / "config.json.tmp").exists()

@@ -119,6 +119,15 @@ def test_resume_refuses_a_change_that_changes_the_saved_state(saved_run, tmp_pat
   assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["1", "4"]
 
 
+def test_a_run_resumed_with_fewer_steps_than_it_took_is_refused(saved_run, tmp_path):
+  """It would otherwise do nothing, exit 0 and record the shorter train.steps."""
+  saved_config = (saved_run / "config.json").read_text()
+  with pytest.raises(ValueError, match=r"train\.steps=3 is below step 4"):
+    _resume(saved_run, tmp_path, **{"train.steps": 3})
+  assert (tmp_path / "run" / "config.json").read_text() == saved_config
+  assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["1", "4"]
+
+
 def test_resume_takes_a_new_learning_rate(saved_run, tmp_path, caplog):
   caplog.set_level(logging.INFO)
   (state, _), _ = _resume(saved_run, tmp_path, **{"optimizer.learning_rate": 1e-3})

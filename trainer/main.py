@@ -121,6 +121,10 @@ def train(config, workdir: str, devices=None) -> tuple[step_lib.TrainState, dict
   # --------------------------- mesh, model, optimizer, shardings (checks config first)
   run = setup_lib.build_setup(config, devices)
   mesh, total_steps = run.mesh, config.train.steps
+  if config.optimizer.warmup_steps >= total_steps and config.optimizer.decay != "constant":
+    logging.warning("optimizer.warmup_steps=%d is not below train.steps=%d: the learning "
+                    "rate rises for the whole run and never decays.",
+                    config.optimizer.warmup_steps, total_steps)
   logging.info("Model: %s, %.2fM params, %.3g training FLOPs/token; mesh %s",
                config.model.name, run.num_params / 1e6, run.flops_per_token,
                dict(mesh.shape))
@@ -154,9 +158,13 @@ def train(config, workdir: str, devices=None) -> tuple[step_lib.TrainState, dict
                 f"checkpoint.init_from={config.checkpoint.init_from!r}: {error}") from error
           state = state._replace(**loaded)
     start_step = int(state.step)
+    if start_step > total_steps:
+      raise ValueError(f"train.steps={total_steps} is below step {start_step}, where the "
+                       f"run in {workdir} stands: raise train.steps to continue it, or use "
+                       "another --workdir.")
     logging.info("Starting at step %d of %d", start_step, total_steps)
     if is_main:  # only now: a config its checkpoints refuse must not replace the saved one
-      (epath.Path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2))
+      paths.write_whole(epath.Path(workdir) / "config.json", config.to_json_best_effort(indent=2))
 
     # -------------------------------------------------------------- the loop
     writer = MetricsWriter(workdir, total_steps, start_step=start_step, enabled=is_main)

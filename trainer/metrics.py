@@ -14,7 +14,6 @@ temporary directory and copied up whole after each write.
 import contextlib
 import json
 import logging as logging_std
-import os
 import pathlib
 import shutil
 import sys
@@ -28,6 +27,8 @@ from tensorboardX.event_file_writer import EventsWriter  # no TensorFlow needed
 from tensorboardX.proto.event_pb2 import Event, SessionLog
 from tensorboardX.summary import scalar
 from tqdm import tqdm
+
+from trainer import paths
 
 # Fixed-width fields, so the bar keeps its width and the line fits 80 columns.
 PROGRESS_FORMAT = "{percentage:3.0f}%|{bar:14}| {n_fmt}/{total_fmt} [eta {eta}{postfix}]"
@@ -70,8 +71,8 @@ class _ProgressBar(tqdm):
 def drop_records_after(path: pathlib.Path, step: int) -> None:
   """Keep the records of metrics.jsonl up to `step`; a resumed run writes the rest again.
 
-  The kept lines go to a temporary file that replaces the old one in one rename, so a
-  kill leaves either file whole. A line that does not parse (cut short by a kill) goes.
+  The kept lines replace the file in one rename (a kill leaves either file whole); a
+  line that does not parse (cut short by a kill) goes.
   """
   if not path.exists():
     return
@@ -83,10 +84,7 @@ def drop_records_after(path: pathlib.Path, step: int) -> None:
         kept.append(line + "\n")
     except (json.JSONDecodeError, KeyError, TypeError):
       continue
-  if "".join(kept) != text:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text("".join(kept), encoding="utf-8")
-    os.replace(temporary, path)
+  paths.write_whole(path, "".join(kept))
 
 
 def _writes_to_console(handler: logging_std.Handler) -> bool:

@@ -21,6 +21,9 @@ _BASELINES: dict[str, Callable[..., optax.GradientTransformation]] = {
 }
 OPTIMIZERS = ("kron", "muon", *_BASELINES)
 SCHEDULES = ("cosine", "linear", "constant")
+# psgd.precond_update_prob_schedule's arguments -> the optimizer.kron settings for them
+_UPDATE_PROB_SETTINGS = {"min_prob": "update_prob_floor", "flat_start": "update_prob_flat_steps",
+                         "decay": "update_prob_decay"}
 
 
 def check_config(cfg: ml_collections.ConfigDict) -> None:
@@ -34,6 +37,20 @@ def check_config(cfg: ml_collections.ConfigDict) -> None:
     raise ValueError(f"optimizer.learning_rate={cfg.learning_rate} must be positive.")
   if cfg.warmup_steps < 0:
     raise ValueError(f"optimizer.warmup_steps={cfg.warmup_steps} must be >= 0.")
+  if not 0 <= cfg.min_lr_ratio <= 1:
+    raise ValueError(f"optimizer.min_lr_ratio={cfg.min_lr_ratio} must be in [0, 1]: the "
+                     "decay ends at this fraction of the peak learning rate.")
+  for name in ("b1", "b2"):
+    if not 0 <= cfg[name] < 1:
+      raise ValueError(f"optimizer.{name}={cfg[name]} must be in [0, 1): it is an EMA's "
+                       "decay rate.")
+  if cfg.grad_clip_norm < 0:  # a negative max norm flips the gradients' sign
+    raise ValueError(f"optimizer.grad_clip_norm={cfg.grad_clip_norm} must be >= 0 (0: no "
+                     "clipping).")
+  rms = cfg.muon.consistent_rms
+  if rms is not None and not rms > 0:
+    raise ValueError(f"optimizer.muon.consistent_rms={rms} must be positive, or None for "
+                     "Muon's own scaling.")
 
 
 def muon(schedule: optax.Schedule, cfg: ml_collections.ConfigDict, weight_decay_mask: Any,
@@ -93,22 +110,22 @@ def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int, *,
   schedule = learning_rate_schedule(cfg, total_steps, width_multiplier)
   if cfg.name == "kron":
     kron_args = cfg.kron.to_dict()
-    update_prob = psgd.precond_update_prob_schedule(
-        min_prob=kron_args.pop("update_prob_floor"),
-        flat_start=kron_args.pop("update_prob_flat_steps"),
-        decay=kron_args.pop("update_prob_decay"))
     if kron_args.pop("shard_local") and param_sharding is None:
       raise ValueError("optimizer.kron.shard_local=True needs the params' shardings.")
     try:
+      update_prob = psgd.precond_update_prob_schedule(
+          **{arg: kron_args.pop(setting) for arg, setting in _UPDATE_PROB_SETTINGS.items()})
       tx = psgd.kron(schedule, b1=cfg.b1, weight_decay=cfg.weight_decay,
                      weight_decay_mask=weight_decay_mask, scanned_layers=scanned_layers,
                      preconditioner_update_probability=update_prob,
                      param_sharding=param_sharding if cfg.kron.shard_local else None,
                      **kron_args)
     except ValueError as error:  # psgd names its argument: name the setting instead
-      name = str(error).split("=")[0]
+      message = str(error).removeprefix("precond_update_prob_schedule: ")
+      name, rest = message.split("=", 1) if "=" in message else ("", message)
+      name = _UPDATE_PROB_SETTINGS.get(name, name)
       section = "optimizer.kron." if name in cfg.kron else "optimizer."
-      raise ValueError(f"{section}{error}") from None
+      raise ValueError(f"{section}{name}={rest}") from None
   elif cfg.name == "muon":
     tx = muon(schedule, cfg, weight_decay_mask, matrix_axes)
   else:

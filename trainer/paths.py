@@ -8,6 +8,8 @@ was started in; URLs such as gs://bucket/run are left as they are.
 
 import os
 
+from etils import epath
+
 
 def is_url(path: str) -> bool:
   return "://" in path
@@ -30,3 +32,15 @@ def resolve_config_paths(config):
   if config.data.tokenizer != "bytes":  # otherwise a SentencePiece model file
     config.data.tokenizer = absolute(config.data.tokenizer)
   return config
+
+
+def write_whole(path, text: str) -> None:
+  """Replace the file at `path` (a str, pathlib.Path or epath.Path, local or URL) with
+  `text` in one rename, so a full disk or a kill leaves either the old file or the new
+  one, whole. Unchanged text is not written."""
+  path = epath.Path(path) if isinstance(path, str) else path
+  if path.exists() and path.read_text(encoding="utf-8") == text:
+    return
+  temporary = path.with_name(path.name + ".tmp")
+  temporary.write_text(text, encoding="utf-8")
+  temporary.replace(path)

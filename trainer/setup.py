@@ -71,6 +71,16 @@ class Setup:
     return metrics
 
 
+def _check_rules(rules, mesh) -> None:
+  """Every mesh axis a rule names is one of the mesh's."""
+  for name, target in rules:
+    missing = [a for a in mesh_lib.axis_names(target) if a not in mesh.shape]
+    if missing:
+      raise ValueError(
+          f"mesh.rules maps {name!r} to {target!r}, but mesh.axes={tuple(mesh.shape)} has "
+          f"no axis {missing[0]!r}: map it to one of them or to None in mesh.rules.")
+
+
 def _check_batch(config, mesh, rules) -> None:
   """Batch settings that cannot work, before anything is compiled."""
   batch, micro = config.train.global_batch_size, config.train.microbatches
@@ -128,6 +138,7 @@ def build_setup(config, devices=None, check_vocab: bool = True,
   # Mesh.
   mesh = mesh_lib.make_mesh(config.mesh.axes, config.mesh.shape, devices)
   rules = tuple(tuple(rule) for rule in config.mesh.rules)
+  _check_rules(rules, mesh)
   _check_batch(config, mesh, rules)
 
   # Model, abstract, and its shardings from metadata.

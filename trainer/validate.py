@@ -59,6 +59,11 @@ def check_config(config) -> None:
   _at_least(1, "train.log_every", train.log_every, "log every N steps, e.g. 10.")
   _at_least(0, "train.eval_every", train.eval_every, "0 turns evaluation off.")
   _at_least(0, "train.stop_at", train.stop_at, "0 means run to train.steps.")
+  _require(train.stop_at <= train.steps,
+           f"train.stop_at={train.stop_at} must be at most train.steps={train.steps}: the "
+           "run would end at train.steps without stopping there (0: run to the end).")
+  _at_least(0, "train.peak_flops_per_device", train.peak_flops_per_device,
+            "0 takes it from trainer/hardware.py's table.")
   # 0 would stop a healthy run: the count of skipped steps in a row is always >= 0.
   _at_least(1, "train.max_nonfinite_steps", train.max_nonfinite_steps,
             "the run stops after this many skipped (non-finite) steps in a row.")
@@ -70,6 +75,10 @@ def check_config(config) -> None:
   if checkpoint.keep_every is not None:
     _at_least(1, "checkpoint.keep_every", checkpoint.keep_every,
               "None keeps only the latest checkpoint.max_to_keep.")
+    # Only saved steps can be kept: any other keep_every keeps every lcm(both)-th step.
+    _require(checkpoint.keep_every % checkpoint.save_every == 0,
+             f"checkpoint.keep_every={checkpoint.keep_every} must be a multiple of "
+             f"checkpoint.save_every={checkpoint.save_every}: only saved steps can be kept.")
   _require(checkpoint.init_what in INIT_WHAT,
            f"checkpoint.init_what={checkpoint.init_what!r} must be one of "
            f"{', '.join(map(repr, INIT_WHAT))}.")
@@ -84,6 +93,13 @@ def check_config(config) -> None:
            "data.source='files' needs data.files_glob, e.g. '~/corpus/**/*.txt'.")
   _require(data.source != "tfds" or data.tfds_name,
            "data.source='tfds' needs data.tfds_name, e.g. 'lm1b' or 'c4/en'.")
+  for setting, source in (("tfds_name", "tfds"), ("files_glob", "files")):
+    _require(data.source == source or not data[setting],
+             f"data.{setting}={data[setting]!r} must be empty unless data.source={source!r} "
+             f"(it is {data.source!r}, which does not read it): add "
+             f"--config.data.source={source}, or drop data.{setting}.")
+  _require(0 <= data.shuffle_seed < 2**32,
+           f"data.shuffle_seed={data.shuffle_seed} must be in [0, 2**32).")
 
   optim.check_config(config.optimizer)
 

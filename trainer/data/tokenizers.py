@@ -44,8 +44,12 @@ class SentencePieceTokenizer:
       raise ImportError(
           f"Tokenizer {model_path!r} is a SentencePiece model, but the sentencepiece "
           "package is not installed: pip install sentencepiece") from e
-    self._processor = sentencepiece.SentencePieceProcessor(
-        model_proto=epath.Path(model_path).read_bytes())
+    try:
+      self._processor = sentencepiece.SentencePieceProcessor(
+          model_proto=epath.Path(model_path).read_bytes())
+    except RuntimeError as e:  # sentencepiece's parse error names no file
+      raise ValueError(f"Tokenizer {model_path!r} is not a SentencePiece .model file "
+                       f"({e}): give the path of one, or 'bytes'.") from e
     pieces = self._processor.get_piece_size()
     own_eos = self._processor.eos_id()
     self.eos_id = own_eos if own_eos >= 0 else pieces
