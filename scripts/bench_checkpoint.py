@@ -65,7 +65,7 @@ def main():
         blocking = []
         for i in range(args.saves):
           start = time.perf_counter()
-          ckpt.save(1000 + i, state, it, config_dict, force=True)
+          ckpt.save(1000 + i, state, it, config_dict)
           blocking.append(time.perf_counter() - start)
           steps(args.steps_between)  # training goes on while an async save writes
         ckpt.close()
