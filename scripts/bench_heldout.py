@@ -20,7 +20,7 @@ Tasks:
 
     python scripts/bench_heldout.py [--tasks digits,teacher,deep_linear] [--out docs/heldout]
 
-Needs scikit-learn for `digits` (`pip install scikit-learn`).
+Needs scikit-learn for `digits`: `pip install -e '.[bench]'`.
 """
 
 import argparse
@@ -64,7 +64,12 @@ def mlp_apply(layers, x, activation):
 def digits_task(seed: int):
   """(init params, loss(params, x, y), train arrays, test arrays, noise floor); each
   task below returns the same."""
-  from sklearn.datasets import load_digits
+  try:
+    from sklearn.datasets import load_digits
+  except ImportError:
+    raise SystemExit("The digits task needs scikit-learn: pip install -e '.[bench]' (or "
+                     "pip install scikit-learn), or leave it out: --tasks "
+                     "teacher,deep_linear.") from None
   data = load_digits()
   x = (data.data / 16.0).astype(np.float32)
   x = (x - x.mean(0)) / (x.std(0) + 0.1)
