@@ -176,6 +176,20 @@ def _check_args(args: dict):
       raise ValueError(f"{name}={args[name]} must be {what}.")
 
 
+def _check_auto_axes(tree) -> None:
+  """ValueError if a leaf is sharded over a mesh with Explicit axes: the factors' matmuls
+  contract sharded dims, which such a mesh makes the caller's to place."""
+  for leaf in jax.tree.leaves(tree):
+    mesh = getattr(jax.typeof(leaf).sharding, "mesh", None)
+    if jax.sharding.AxisType.Explicit in getattr(mesh, "axis_types", ()):
+      raise ValueError(
+          f"psgd.kron needs a mesh with Auto axes (the compiler places the "
+          f"preconditioner's matmuls); these arrays are sharded over mesh axes "
+          f"{mesh.axis_names} of types {mesh.axis_types} (jax.make_mesh's default is "
+          "Explicit). Build the mesh with jax.make_mesh(shape, names, "
+          "axis_types=(jax.sharding.AxisType.Auto,) * len(names)).")
+
+
 def plan_layouts(params, scanned_layers: MaskOrFn = None, *, max_size_triangular: int = 8192,
                  max_skew_triangular: float = 1.0, min_ndim_triangular: int = 2,
                  memory_save_mode: Optional[str] = None, block_size: Optional[int] = None,
@@ -796,6 +810,7 @@ def scale_by_kron(
 
   def update_fn(updates, state, params=None):
     del params  # the layouts follow the updates' shapes
+    _check_auto_axes(updates)
     layouts = s.layouts(updates)
     grads = jax.tree.map(lambda g: g.astype(_compute_dtype(g.dtype)), updates)
     key, k_decide, k_balance, k_fit = jax.random.split(state.key, 4)

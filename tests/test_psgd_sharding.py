@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -203,3 +204,12 @@ def test_shard_local_blocks_move_no_arrays_and_match_one_device(monkeypatch):
   single = train(make_params(), tx.init(make_params()), single_step)
   for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(single)):
     np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
+
+
+def test_a_mesh_with_explicit_axes_is_refused_naming_the_fix():
+  mesh = jax.make_mesh((4,), ("fsdp",), axis_types=(jax.sharding.AxisType.Explicit,))
+  w = jax.device_put(jnp.ones((64, 32)), NamedSharding(mesh, P("fsdp", None)))
+  tx = psgd.kron(1e-3)
+  state = tx.init({"w": w})
+  with pytest.raises(ValueError, match=r"axis_types=\(jax\.sharding\.AxisType\.Auto,\)"):
+    jax.jit(tx.update)({"w": w}, state, {"w": w})
