@@ -3,6 +3,7 @@ time compiles for TPU topologies on this CPU-only machine."""
 
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 
@@ -141,6 +142,13 @@ def test_dry_run_compare_prints_both_optimizers_costs_and_ratios(capsys):
   rows = {line.split()[0]: line for line in comparison[2:]}
   assert {"flops", "bytes", "all-reduce", "collectives,", "compile", "optimizer"} <= set(rows)
   assert rows["flops"].rstrip().endswith("x")  # a ratio on every row
+  # Ratios are report / other: checked on the optimizer state's row against its printed
+  # (rounded) sizes.
+  state = re.search(r"optimizer state\s+([\d.]+) (\w+)\s+([\d.]+) (\w+)\s+([\d.]+)x",
+                    rows["optimizer"])
+  kron, kron_unit, adamw, adamw_unit, printed = state.groups()
+  assert kron_unit == adamw_unit
+  assert float(printed) == pytest.approx(float(kron) / float(adamw), rel=0.05)
   # The scanned layers were counted unrolled: no loop is left to be counted once.
   assert "XLA counts a loop's body once" not in out
 

@@ -202,6 +202,24 @@ def test_multi_process_stop_checks_gather_nothing_until_a_signal(monkeypatch):
     assert signal.getsignal(signal.SIGTERM) is before
     assert [signals.requested(step) for step in (1, 2, 3)] == [None, None, "SIGTERM"]
   assert sync_calls == [1, 2, 3]
+  # A resumed run asks the service with the steps since it started, as it counts them.
+  sync_calls.clear()
+  with checkpoint_lib.StopSignals(start_step=30) as signals:
+    assert [signals.requested(step) for step in (31, 32, 33)] == [None, None, "SIGTERM"]
+  assert sync_calls == [1, 2, 3]
+
+
+def test_ctrl_c_asks_for_a_save_a_second_aborts_and_handlers_come_back():
+  before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+  with checkpoint_lib.StopSignals() as signals:
+    handler = signal.getsignal(signal.SIGINT)
+    assert handler is not before[signal.SIGINT]
+    assert signals.requested(1) is None
+    handler(signal.SIGINT, None)
+    assert signals.requested(2) == "SIGINT"
+    with pytest.raises(KeyboardInterrupt):
+      handler(signal.SIGINT, None)
+  assert {s: signal.getsignal(s) for s in before} == before
 
 
 def test_manual_mode_reads_what_the_config_leaves_empty_from_the_environment(monkeypatch):

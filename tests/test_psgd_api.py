@@ -132,3 +132,39 @@ def test_weight_decay_off_keeps_the_state_structure_and_needs_no_params():
   plain, _ = off.update(grads, off.init(params))  # no params: nothing to decay
   assert not np.allclose(decayed["w"], plain["w"])
 
+
+
+@pytest.mark.parametrize("as_callable", [False, True])
+def test_weight_decay_applies_where_the_mask_says_and_only_there(as_callable):
+  """Zero gradients leave only the decay: -lr * wd * param where the mask is True."""
+  params = {"w": jnp.full((3, 2), 2.0), "b": jnp.full(2, 3.0)}
+  mask = {"w": True, "b": False}
+  tx = psgd.kron(0.1, weight_decay=0.5, weight_decay_mask=(lambda p: mask) if as_callable
+                 else mask)
+  updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+  np.testing.assert_allclose(updates["w"], -0.1 * 0.5 * params["w"], rtol=1e-6)
+  np.testing.assert_array_equal(updates["b"], jnp.zeros(2))
+
+
+def test_whitening_the_momentum_scales_the_update_and_fits_other_factors():
+  """whiten_grad=False: P m gets sqrt((1 - b1) / (1 + b1)) (P = I here, the first step's
+  momentum is the gradient); and P is fitted on the momentum, not the gradient."""
+  params = {"w": jnp.zeros((4, 3))}
+  grads = {"w": 0.1 * jnp.arange(12.0).reshape(4, 3) / 12}
+  fixed = dict(preconditioner_update_probability=0.0, preconditioner_init_scale=1.0)
+  on_grads = psgd.scale_by_kron(**fixed)
+  on_momentum = psgd.scale_by_kron(whiten_grad=False, **fixed)
+  a, _ = on_grads.update(grads, on_grads.init(params))
+  b, _ = on_momentum.update(grads, on_momentum.init(params))
+  np.testing.assert_allclose(a["w"], grads["w"], rtol=1e-6)
+  np.testing.assert_allclose(b["w"], (0.1 / 1.9) ** 0.5 * grads["w"], rtol=1e-6)
+
+  key_grads = lambda k: {"w": jax.random.normal(k, (4, 3))}
+  states = []
+  for whiten_grad in (True, False):
+    tx = psgd.scale_by_kron(whiten_grad=whiten_grad, preconditioner_update_probability=1.0)
+    state = tx.init(params)
+    for key in jax.random.split(jax.random.key(0), 3):
+      _, state = tx.update(key_grads(key), state)
+    states.append(state.factors)
+  assert not np.allclose(states[0][1]["w"], states[1][1]["w"])

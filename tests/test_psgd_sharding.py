@@ -97,6 +97,23 @@ def test_state_specs_under_masked_and_multisteps():
   assert specs.inner_opt_state[0].mu == param_specs
 
 
+def test_state_leaves_at_a_params_path_but_of_another_shape_are_replicated():
+  """Adafactor's factored moments sit at the params' paths with other shapes: they are
+  not placed like the param (whose spec would not even fit their rank)."""
+  mesh = jax.make_mesh((4, 2), ("f", "t"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  params = {"w": jnp.ones((256, 128))}
+  param_specs = {"w": P("f", "t")}
+  tx = optax.adafactor(1e-3, min_dim_size_to_factor=32)
+  state = jax.eval_shape(tx.init, params)
+  specs = psgd.state_partition_specs(state, params, param_specs, mesh)
+  factored = specs[0]
+  assert factored.v_row["w"] == P() and factored.v_col["w"] == P()
+  assert state[0].v_row["w"].shape == (128,)  # the case this is about
+  shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
+                           is_leaf=lambda x: isinstance(x, P))
+  jax.jit(tx.init, out_shardings=shardings)(params)
+
+
 def test_per_dim_factors_shard_and_match_one_device():
   # merge_dims=False: an attention-like (layers, embed, heads, head_dim) param has three
   # factors per layer, a matrix two; the matrix's third slot holds a (batch, 1) placeholder.

@@ -94,12 +94,17 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops(tmp_path):
   config = tiny_config(steps=20, log_every=1, eval_every=0, max_nonfinite_steps=3)
   config.optimizer.learning_rate = 1e30  # diverges within a few steps
   config.optimizer.grad_clip_norm = 0.0
+  config.checkpoint.save_every = 1  # every step is due: only the finite ones are saved
   with pytest.raises(trainer_main.NonFiniteError, match="non-finite"):
     trainer_main.train(config, str(tmp_path), devices=jax.devices()[:1])
   metrics = read_metrics(tmp_path)
   skipped = [m["train/skipped"] for m in metrics if "train/skipped" in m]
   assert skipped[-3:] == [1.0, 1.0, 1.0]
-  assert any((tmp_path / "checkpoints").iterdir())
+  first_skipped = min(m["step"] for m in metrics if m.get("train/skipped") == 1.0)
+  kept = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
+  aside = [p.name for p in (tmp_path / "checkpoints_aside").iterdir()]
+  assert kept and max(kept) < first_skipped
+  assert len(aside) == 1 and str(first_skipped - 1) in aside[0]  # where they started
 
 
 def test_microbatches_accumulate_to_the_full_batch_gradient(tmp_path):
