@@ -98,7 +98,8 @@ def base_config() -> ml_collections.ConfigDict:
           # lr and seed tried (docs/kron_vs_muon.md); psgd.kron's own default is False.
           nesterov=True,
           max_size_triangular=8192,  # a larger dim gets a diagonal factor
-          max_skew_triangular=1.0,  # a dim d with d^2 > this x numel gets a diagonal one
+          max_skew_triangular=1.0,  # a dim d with d^2 > this x numel gets a diagonal one,
+          max_size_any_skew=1024,  # unless d <= this (dense factors win on small models)
           memory_save_mode=placeholder(str),  # None | 'one_diag' | 'all_diag'
           block_size=placeholder(int),  # cut larger dims into blocks with own factors
           # Rank >= 3 params (attention's (embed, heads, head_dim)): one matrix with two

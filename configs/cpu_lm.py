@@ -19,8 +19,5 @@ def get_config():
   # Kron's best of the 400-step sweep with Nesterov momentum (docs/kron_vs_muon.md;
   # AdamW's best: 1e-3 to 2e-3, Muon's: 6e-3).
   config.optimizer.update(dict(learning_rate=6e-3, warmup_steps=50))
-  # Dense factors on both sides of every matrix (a factor may hold up to 4x its matrix's
-  # elements): at this size they cost little, and they win (docs/kron_vs_muon.md).
-  config.optimizer.kron.max_skew_triangular = 4.0
   config.checkpoint.save_every = 200
   return config

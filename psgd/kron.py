@@ -170,6 +170,7 @@ def _check_args(args: dict):
       "update_rms": (lambda v: v > 0, "positive, or None (P's own scale)"),
       "lax_map_batch_size": (lambda v: v >= 1, "at least 1"),
       "block_size": (lambda v: v >= 1, "a positive int or None"),
+      "max_size_any_skew": (lambda v: v >= 0, "non-negative (0: the skew rule for every dim)"),
   }
   for name, (ok, what) in ranges.items():
     if _is_number(args[name]) and not ok(args[name]):
@@ -191,13 +192,15 @@ def _check_auto_axes(tree) -> None:
 
 
 def plan_layouts(params, scanned_layers: MaskOrFn = None, *, max_size_triangular: int = 8192,
-                 max_skew_triangular: float = 1.0, min_ndim_triangular: int = 2,
-                 memory_save_mode: Optional[str] = None, block_size: Optional[int] = None,
+                 max_skew_triangular: float = 1.0, max_size_any_skew: int = 1024,
+                 min_ndim_triangular: int = 2, memory_save_mode: Optional[str] = None,
+                 block_size: Optional[int] = None,
                  merge_dims: bool = True, param_sharding: MaskOrFn = None):
   """A tree of `Layout`s (one per parameter) for params under these settings."""
   mask = mask_like(scanned_layers, params, "scanned_layers")
   plan = functools.partial(layout_lib.plan_layout, max_size=max_size_triangular,
-                           max_skew=max_skew_triangular, min_ndim=min_ndim_triangular,
+                           max_skew=max_skew_triangular, max_size_any_skew=max_size_any_skew,
+                           min_ndim=min_ndim_triangular,
                            memory_save_mode=memory_save_mode, block_size=block_size,
                            merge_dims=merge_dims)
   counts = _shard_counts(param_sharding, params)
@@ -609,6 +612,7 @@ def scale_by_kron(
     preconditioner_update_probability: ScalarOrSchedule = precond_update_prob_schedule(),
     max_size_triangular: int = 8192,
     max_skew_triangular: float = 1.0,
+    max_size_any_skew: int = 1024,
     min_ndim_triangular: int = 2,
     memory_save_mode: layout_lib.MemorySaveMode = None,
     block_size: Optional[int] = None,
@@ -663,9 +667,14 @@ def scale_by_kron(
       0.03 (`precond_update_prob_schedule`). The draws come from the key in the state,
       so a restored run makes the same decisions.
     max_size_triangular: a block dim larger than this gets a diagonal factor.
-    max_skew_triangular: a dim of size d gets a diagonal factor if d^2 exceeds this
-      times the block's number of elements (1.0: only the smaller dim of a
-      non-square matrix is dense; inf: every dim).
+    max_skew_triangular: a dim of size d above `max_size_any_skew` gets a diagonal
+      factor if d^2 exceeds this times the block's number of elements (1.0: only the
+      smaller dim of a non-square matrix is dense; inf: every dim).
+    max_size_any_skew: a dim of at most this size gets a dense factor whatever its
+      skew (at most 1024 x 1024 floats, 4 MiB, by default). Whole-matrix factors train
+      small and mid-sized models better (docs/kron_vs_muon.md); the wide sides of
+      large layers, whose dense factors would outweigh the layer, stay diagonal. 0
+      judges every dim by `max_skew_triangular` alone, as psgd_torch and psgdax do.
     min_ndim_triangular: parameters with fewer dims get diagonal factors only.
     memory_save_mode: None (the rules above), 'one_diag' (the larger dim diagonal) or
       'all_diag' (every factor diagonal, Adam-like memory).
@@ -749,8 +758,8 @@ def scale_by_kron(
     >>> updates, state = tx.update(params, state, params)
     >>> jax.tree.map(jnp.shape, updates)
     {'b': (3,), 'w': (4, 3)}
-    >>> [f["w"].shape for f in state[0].factors]  # (4, 3): diag(4) (x) dense(3)
-    [(1, 4), (1, 3, 3)]
+    >>> [f["w"].shape for f in state[0].factors]  # (4, 3): dense(4) (x) dense(3)
+    [(1, 4, 4), (1, 3, 3)]
 
   References:
     Li, `Preconditioned Stochastic Gradient Descent
@@ -775,6 +784,7 @@ def scale_by_kron(
       b1=b1, nesterov=nesterov, update_probability=preconditioner_update_probability,
       layout_options=dict(max_size_triangular=max_size_triangular,
                           max_skew_triangular=max_skew_triangular,
+                          max_size_any_skew=max_size_any_skew,
                           min_ndim_triangular=min_ndim_triangular,
                           memory_save_mode=memory_save_mode, block_size=block_size,
                           merge_dims=merge_dims, param_sharding=param_sharding),
@@ -885,6 +895,7 @@ def kron(
     preconditioner_update_probability: ScalarOrSchedule = precond_update_prob_schedule(),
     max_size_triangular: int = 8192,
     max_skew_triangular: float = 1.0,
+    max_size_any_skew: int = 1024,
     min_ndim_triangular: int = 2,
     memory_save_mode: layout_lib.MemorySaveMode = None,
     block_size: Optional[int] = None,
@@ -927,6 +938,7 @@ def kron(
     preconditioner_update_probability: see `scale_by_kron`.
     max_size_triangular: see `scale_by_kron`.
     max_skew_triangular: see `scale_by_kron`.
+    max_size_any_skew: see `scale_by_kron`.
     min_ndim_triangular: see `scale_by_kron`.
     memory_save_mode: see `scale_by_kron`.
     block_size: see `scale_by_kron`.
@@ -1004,7 +1016,8 @@ def kron(
       b1=b1, nesterov=nesterov,
       preconditioner_update_probability=preconditioner_update_probability,
       max_size_triangular=max_size_triangular, max_skew_triangular=max_skew_triangular,
-      min_ndim_triangular=min_ndim_triangular, memory_save_mode=memory_save_mode,
+      max_size_any_skew=max_size_any_skew, min_ndim_triangular=min_ndim_triangular,
+      memory_save_mode=memory_save_mode,
       block_size=block_size, merge_dims=merge_dims, param_sharding=param_sharding,
       preconditioner_lr=preconditioner_lr,
       preconditioner_init_scale=preconditioner_init_scale,

@@ -15,8 +15,9 @@ Every parameter becomes an array of shape (batch, *block_shape):
   * optionally a huge dim is cut into equal blocks, each block becoming one more batch
     entry with factors of its own.
 Each dim of a block then gets a dense (d, d) or a diagonal (d,) factor: diagonal when
-the block's dim exceeds max_size or when the layer's dim is too skewed for its size
-(judged without shard-local cuts, so shard-local blocks keep the whole layer's kinds).
+the block's dim exceeds max_size, or when the layer's dim is above max_size_any_skew and
+too skewed for its size (judged without shard-local cuts, so shard-local blocks keep the
+whole layer's kinds).
 """
 
 import dataclasses
@@ -116,7 +117,8 @@ def num_blocks(size: int, block_size: Optional[int]) -> int:
 
 
 def plan_layout(shape: tuple[int, ...], scanned: bool, *, max_size: int, max_skew: float,
-                min_ndim: int, memory_save_mode: Optional[str], block_size: Optional[int],
+                max_size_any_skew: int, min_ndim: int, memory_save_mode: Optional[str],
+                block_size: Optional[int],
                 merge_dims: bool = True, shards: Optional[tuple[int, ...]] = None) -> Layout:
   """Layout for one parameter of the given shape; `shards`: the number of shard-local
   blocks along each dim of a layer (None: one)."""
@@ -137,7 +139,8 @@ def plan_layout(shape: tuple[int, ...], scanned: bool, *, max_size: int, max_ske
   sizes = [d // b for d, b in zip(dims, blocks)]
   unsharded = [size * math.prod(shards[i] for i in g) for size, g in zip(sizes, groups)]
   numel = math.prod(unsharded)
-  dense = [d > 1 and w <= max_size and w * w <= max_skew * numel and len(inner) >= min_ndim
+  dense = [d > 1 and w <= max_size and len(inner) >= min_ndim
+           and (w <= max_size_any_skew or w * w <= max_skew * numel)
            for d, w in zip(sizes, unsharded)]
   if memory_save_mode == "all_diag":
     dense = [False] * len(sizes)

@@ -178,10 +178,12 @@ def test_procrustes_steps_rotate_towards_spd_and_keep_singular_values():
 
 
 def test_per_dim_factors_fit_a_three_factor_kronecker_covariance():
-  # A (4, 6, 8) gradient whose covariance is A (x) B (x) C, at the default size rules.
-  # With a factor per dim (merge_dims=False, psgd_torch's layout) every factor is dense
-  # and P fits C^(-1/2) to the noise floor of lr 0.1; merged into a (24, 8) matrix, the
-  # 24 side is diagonal (24^2 > 192 elements) and P cannot represent the target.
+  # A (4, 6, 8) gradient whose covariance is A (x) B (x) C. With a factor per dim
+  # (merge_dims=False, psgd_torch's layout) every factor is dense and P fits C^(-1/2) to
+  # the noise floor of lr 0.1; merged into a (24, 8) matrix, both factors are dense by
+  # default (24 <= max_size_any_skew) and fit A (x) B as one; under the skew rule alone
+  # (max_size_any_skew=0, psgd_torch's and psgdax's) the 24 side is diagonal (24^2 > 192
+  # elements) and P cannot represent the target.
   covs = [random_spd(seed, d, 10.0) for seed, d in zip((3, 4, 5), (4, 6, 8))]
   roots = [jnp.asarray(matrix_power(c, 0.5), jnp.float32) for c in covs]
   target = np.kron(np.kron(*[matrix_power(c, -0.5) for c in covs[:2]]),
@@ -193,9 +195,9 @@ def test_per_dim_factors_fit_a_three_factor_kronecker_covariance():
       g = fitting.along(root, g, axis)
     return g
 
-  def error(merge_dims):
+  def error(merge_dims, **layout):
     tx = psgd.scale_by_kron(b1=0.0, preconditioner_update_probability=1.0,
-                            preconditioner_lr=0.1, merge_dims=merge_dims)
+                            preconditioner_lr=0.1, merge_dims=merge_dims, **layout)
     body = lambda state, key: (tx.update(gradient(key), state)[1], None)
     keys = jax.random.split(jax.random.key(1), 1000)
     state = jax.jit(lambda s: jax.lax.scan(body, s, keys)[0])(tx.init(jnp.zeros((4, 6, 8))))
@@ -204,10 +206,12 @@ def test_per_dim_factors_fit_a_three_factor_kronecker_covariance():
       p = np.kron(p, as_matrix(f))
     return np.linalg.norm(p - target) / np.linalg.norm(target)
 
-  per_dim, merged = error(False), error(True)
-  print(f"relative error of P: per dim {per_dim:.3f}, merged {merged:.3f}")
+  per_dim, merged, skewed = error(False), error(True), error(True, max_size_any_skew=0)
+  print(f"relative error of P: per dim {per_dim:.3f}, merged {merged:.3f}, merged with "
+        f"the skew rule alone {skewed:.3f}")
   assert per_dim < 0.12
-  assert merged > 0.3
+  assert merged < 0.2
+  assert skewed > 0.3
 
 
 def test_hashed_normal_draws_are_standard_normal_and_independent_across_seeds():
@@ -326,3 +330,22 @@ def test_bf16_factors_keep_fitting_when_each_refit_moves_less_than_their_resolut
     assert fitted.factors[0].dtype == jnp.bfloat16
     error64 = whitening_error("Q0.5EQ1.5", fitted, cov_rows, cov_cols)
   assert error64 < 1.5 * error[jnp.float32] + 0.01, (error64, error)
+
+
+@pytest.mark.parametrize("mode", psgd.MODES)
+def test_initial_scale_is_the_largest_fourth_moment_root_over_all_parameters(mode):
+  """P starts as (max E[g^4] + damping^4)^(-1/4) I, one scale for every parameter, from
+  the first gradients (a sparse one, whose fourth-moment root is not its RMS); a tiny
+  preconditioner_lr keeps the first refit from moving it."""
+  params = {"w": jnp.zeros((6, 4)), "b": jnp.zeros(5)}
+  grads = {"w": jnp.zeros((6, 4)).at[2, 1].set(2.0), "b": jnp.full(5, 0.1)}
+  damping = 0.05
+  tx = psgd.scale_by_kron(preconditioner_mode=mode, preconditioner_lr=1e-9, damping=damping)
+  _, state = tx.update(grads, tx.init(params))
+  largest = float(jnp.mean(grads["w"] ** 4))  # E[g^4] of "w": above "b"'s 1e-4
+  expected = (largest + damping**4) ** -0.25
+  for name, size in (("w", 24), ("b", 5)):
+    p = np.ones((1, 1))
+    for f in fitting.preconditioner_factors(mode, tuple(f[name][0] for f in state.factors)):
+      p = np.kron(p, as_matrix(f))
+    np.testing.assert_allclose(p, expected * np.eye(size), rtol=1e-5, atol=1e-6)

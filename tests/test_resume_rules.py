@@ -29,6 +29,7 @@ CASES = {
                                            True),
     "optimizer.kron.max_size_triangular": ("optimizer.kron.max_size_triangular", 16, True),
     "optimizer.kron.max_skew_triangular": ("optimizer.kron.max_skew_triangular", 2.0, True),
+    "optimizer.kron.max_size_any_skew": ("optimizer.kron.max_size_any_skew", 0, True),
     "optimizer.kron.memory_save_mode": ("optimizer.kron.memory_save_mode", "one_diag", True),
     "optimizer.kron.block_size": ("optimizer.kron.block_size", 64, True),
     "optimizer.kron.merge_dims": ("optimizer.kron.merge_dims", False, True),

@@ -32,6 +32,7 @@ RULES = (
          "modes store Q or P itself: the saved factors mean something else in another"),
     Rule("optimizer.kron.max_size_triangular", False, "it decides which factors are dense"),
     Rule("optimizer.kron.max_skew_triangular", False, "it decides which factors are dense"),
+    Rule("optimizer.kron.max_size_any_skew", False, "it decides which factors are dense"),
     Rule("optimizer.kron.memory_save_mode", False, "it decides which factors are dense"),
     Rule("optimizer.kron.block_size", False, "it decides how parameters split into blocks"),
     Rule("optimizer.kron.merge_dims", False, "it decides how many factors a parameter has"),
