@@ -137,7 +137,8 @@ def test_layout_table_lists_every_param_and_its_bytes():
 def test_scanned_param_updates_like_separate_layers(lax_map, shard_local):
   layers, key = 3, jax.random.key(0)
   stacked = jax.random.normal(key, (layers, 8, 6))
-  kwargs = dict(preconditioner_update_probability=1.0, lax_map_batch_size=2)
+  # Damping large enough that each block's own random draws show in its update.
+  kwargs = dict(preconditioner_update_probability=1.0, lax_map_batch_size=2, damping=0.1)
   stacked_sharding = separate_sharding = None
   if shard_local:  # each layer cut 2 x 2 ways, as by a (2, 2) mesh; only counts matter
     mesh = jax.make_mesh((2, 2), ("a", "b"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
@@ -564,3 +565,18 @@ def test_per_dim_state_saves_and_restores_with_orbax(tmp_path):
   assert jax.tree.structure(restored) == jax.tree.structure(state)
   for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
     np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("precision, dtype", [(None, jnp.float32),
+                                               ("bfloat16", jnp.bfloat16)])
+def test_fit_noise_is_at_the_resolution_of_the_coarser_of_gradient_and_operands(
+    precision, dtype, monkeypatch):
+  """Noise finer than the fit's bfloat16 operands would round away in its matmuls and
+  leave P unbounded where gradients vanish (docs/psgd_library.md)."""
+  seen, fit = [], fitting.fit
+  monkeypatch.setattr(fitting, "fit", lambda *a, **k: seen.append(k["grad_eps"]) or fit(*a, **k))
+  tx = psgd.scale_by_kron(precond_update_precision=precision,
+                          preconditioner_update_probability=1.0)
+  params = {"w": jnp.ones((4, 3))}
+  tx.update(params, tx.init(params))
+  assert seen and set(seen) == {float(jnp.finfo(dtype).eps)}

@@ -230,3 +230,11 @@ def test_a_mesh_with_explicit_axes_is_refused_naming_the_fix():
   state = tx.init({"w": w})
   with pytest.raises(ValueError, match=r"axis_types=\(jax\.sharding\.AxisType\.Auto,\)"):
     jax.jit(tx.update)({"w": w}, state, {"w": w})
+
+
+def test_specs_asked_for_shard_local_blocks_the_state_lacks_are_refused_naming_the_fix():
+  mesh = jax.make_mesh((4, 2), ("f", "t"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  params = {"w": jnp.ones((8, 6))}
+  state = jax.eval_shape(psgd.kron(1e-3).init, params)  # whole-matrix factors: 1 block
+  with pytest.raises(ValueError, match=r"\['w'\].*1 blocks.*shard_local=True exactly when"):
+    psgd.state_partition_specs(state, params, {"w": P("f", "t")}, mesh, shard_local=True)
