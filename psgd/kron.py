@@ -184,8 +184,8 @@ def _check_auto_axes(tree) -> None:
     mesh = getattr(jax.typeof(leaf).sharding, "mesh", None)
     if jax.sharding.AxisType.Explicit in getattr(mesh, "axis_types", ()):
       raise ValueError(
-          f"psgd.kron needs a mesh with Auto axes (the compiler places the "
-          f"preconditioner's matmuls); these arrays are sharded over mesh axes "
+          "psgd.kron needs a mesh with Auto axes (the compiler places the "
+          "preconditioner's matmuls); these arrays are sharded over mesh axes "
           f"{mesh.axis_names} of types {mesh.axis_types} (jax.make_mesh's default is "
           "Explicit). Build the mesh with jax.make_mesh(shape, names, "
           "axis_types=(jax.sharding.AxisType.Auto,) * len(names)).")
@@ -671,7 +671,7 @@ def scale_by_kron(
       factor if d^2 exceeds this times the block's number of elements (1.0: only the
       smaller dim of a non-square matrix is dense; inf: every dim).
     max_size_any_skew: a dim of at most this size gets a dense factor whatever its
-      skew (at most 1024 x 1024 floats, 4 MiB, by default). Whole-matrix factors train
+      skew (by default at most 1024 x 1024 floats, 4 MiB in float32). Whole-matrix factors train
       small and mid-sized models better (docs/kron_vs_muon.md); the wide sides of
       large layers, whose dense factors would outweigh the layer, stay diagonal. 0
       judges every dim by `max_skew_triangular` alone, as psgd_torch and psgdax do.
