@@ -213,3 +213,17 @@ def test_the_dry_run_lays_out_the_mesh_a_run_on_the_slice_builds(topology, shape
     assert topology == "v5p:4x4x4"
     expected = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
   assert [d.id for d in mesh.devices.flat] == [d.id for d in expected.flat]
+
+
+@needs_libtpu
+def test_a_mesh_whose_batch_axes_do_not_split_the_batch_over_processes_is_refused():
+  """v5p:2x2x2 is 2 hosts of 4 chips. With the batch axes 1 wide the batch would be
+  replicated over both, each feeding its own rows for it: refused before any compile."""
+  devices = dry_run.target_devices("v5p:2x2x2")
+  config = tiny_config(global_batch_size=8)
+  rules = tuple(tuple(rule) for rule in config.mesh.rules)
+  replicated = mesh_lib.make_mesh(("data", "fsdp", "tensor"), (1, 1, 8), devices)
+  with pytest.raises(ValueError, match=r"do not split the batch over the 2 processes"):
+    setup_lib._check_batch(config, replicated, rules)
+  split = mesh_lib.make_mesh(("data", "fsdp", "tensor"), (2, 1, 4), devices)
+  setup_lib._check_batch(config, split, rules)

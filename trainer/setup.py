@@ -53,7 +53,9 @@ class Setup:
 
   def to_global(self, local_batch: dict) -> dict[str, jax.Array]:
     """This process's rows of a batch -> the global batch, split as the step expects."""
-    return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v))
+    rows = self.config.train.global_batch_size
+    return {k: jax.make_array_from_process_local_data(
+                self.batch_sharding, np.asarray(v), global_shape=(rows, *np.shape(v)[1:]))
             for k, v in local_batch.items()}
 
   def evaluate(self, params) -> dict[str, float]:
@@ -96,6 +98,20 @@ def _check_batch(config, mesh, rules) -> None:
   if batch % processes:
     raise ValueError(f"train.global_batch_size={batch} must be divisible by the "
                      f"{processes} processes.")
+  # Each process loads its own batch / processes rows: its devices must hold exactly
+  # those rows, none of another process's (else the batch axes replicate rows over
+  # processes, and each would feed different data for the same rows).
+  rows = {}
+  sharding = NamedSharding(mesh, P(mesh_lib.batch_axes(rules) or None))
+  for device, (index,) in sharding.devices_indices_map((batch,)).items():
+    rows.setdefault(device.process_index, set()).update(range(*index.indices(batch)))
+  held = [len(r) for r in rows.values()]
+  if any(n != batch // processes for n in held) or sum(held) != batch:
+    raise ValueError(
+        f"The batch axes {mesh_lib.batch_axes(rules)} of mesh {dict(mesh.shape)} do not split "
+        f"the batch over the {processes} processes (each loads its own rows): make their "
+        f"sizes multiply to a multiple of {processes} (e.g. a larger mesh.shape 'data' "
+        "size, and a smaller 'tensor' one).")
 
 
 def _check_divisible(abstract_params, param_specs, mesh) -> None:
