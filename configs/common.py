@@ -99,7 +99,8 @@ def base_config() -> ml_collections.ConfigDict:
           nesterov=True,
           max_size_triangular=8192,  # a larger dim gets a diagonal factor
           max_skew_triangular=1.0,  # a dim d with d^2 > this x numel gets a diagonal one,
-          max_size_any_skew=1024,  # unless d <= this (dense factors win on small models)
+          max_size_small_dim=1024,  # but a dim up to this size may be skewed up to
+          max_skew_small_dim=4.0,  # this: small matrices get dense factors both sides
           memory_save_mode=placeholder(str),  # None | 'one_diag' | 'all_diag'
           block_size=placeholder(int),  # cut larger dims into blocks with own factors
           # Rank >= 3 params (attention's (embed, heads, head_dim)): one matrix with two

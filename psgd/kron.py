@@ -170,7 +170,8 @@ def _check_args(args: dict):
       "update_rms": (lambda v: v > 0, "positive, or None (P's own scale)"),
       "lax_map_batch_size": (lambda v: v >= 1, "at least 1"),
       "block_size": (lambda v: v >= 1, "a positive int or None"),
-      "max_size_any_skew": (lambda v: v >= 0, "non-negative (0: the skew rule for every dim)"),
+      "max_size_small_dim": (lambda v: v >= 0, "non-negative"),
+      "max_skew_small_dim": (lambda v: v >= 0, "non-negative"),
   }
   for name, (ok, what) in ranges.items():
     if _is_number(args[name]) and not ok(args[name]):
@@ -192,15 +193,16 @@ def _check_auto_axes(tree) -> None:
 
 
 def plan_layouts(params, scanned_layers: MaskOrFn = None, *, max_size_triangular: int = 8192,
-                 max_skew_triangular: float = 1.0, max_size_any_skew: int = 1024,
-                 min_ndim_triangular: int = 2, memory_save_mode: Optional[str] = None,
-                 block_size: Optional[int] = None,
+                 max_skew_triangular: float = 1.0, max_size_small_dim: int = 1024,
+                 max_skew_small_dim: float = 4.0, min_ndim_triangular: int = 2,
+                 memory_save_mode: Optional[str] = None, block_size: Optional[int] = None,
                  merge_dims: bool = True, param_sharding: MaskOrFn = None):
   """A tree of `Layout`s (one per parameter) for params under these settings."""
   mask = mask_like(scanned_layers, params, "scanned_layers")
   plan = functools.partial(layout_lib.plan_layout, max_size=max_size_triangular,
-                           max_skew=max_skew_triangular, max_size_any_skew=max_size_any_skew,
-                           min_ndim=min_ndim_triangular,
+                           max_skew=max_skew_triangular,
+                           max_size_small_dim=max_size_small_dim,
+                           max_skew_small_dim=max_skew_small_dim, min_ndim=min_ndim_triangular,
                            memory_save_mode=memory_save_mode, block_size=block_size,
                            merge_dims=merge_dims)
   counts = _shard_counts(param_sharding, params)
@@ -612,7 +614,8 @@ def scale_by_kron(
     preconditioner_update_probability: ScalarOrSchedule = precond_update_prob_schedule(),
     max_size_triangular: int = 8192,
     max_skew_triangular: float = 1.0,
-    max_size_any_skew: int = 1024,
+    max_size_small_dim: int = 1024,
+    max_skew_small_dim: float = 4.0,
     min_ndim_triangular: int = 2,
     memory_save_mode: layout_lib.MemorySaveMode = None,
     block_size: Optional[int] = None,
@@ -667,14 +670,16 @@ def scale_by_kron(
       0.03 (`precond_update_prob_schedule`). The draws come from the key in the state,
       so a restored run makes the same decisions.
     max_size_triangular: a block dim larger than this gets a diagonal factor.
-    max_skew_triangular: a dim of size d above `max_size_any_skew` gets a diagonal
-      factor if d^2 exceeds this times the block's number of elements (1.0: only the
-      smaller dim of a non-square matrix is dense; inf: every dim).
-    max_size_any_skew: a dim of at most this size gets a dense factor whatever its
-      skew (by default at most 1024 x 1024 floats, 4 MiB in float32). Whole-matrix factors train
-      small and mid-sized models better (docs/kron_vs_muon.md); the wide sides of
-      large layers, whose dense factors would outweigh the layer, stay diagonal. 0
-      judges every dim by `max_skew_triangular` alone, as psgd_torch and psgdax do.
+    max_skew_triangular: a dim of size d gets a diagonal factor if d^2 exceeds this
+      times the block's number of elements (1.0: only the smaller dim of a
+      non-square matrix is dense; inf: every dim).
+    max_size_small_dim: dims of at most this size are judged by `max_skew_small_dim`
+      instead (by default factors of at most 1024 x 1024 floats, 4 MiB in float32).
+    max_skew_small_dim: the skew allowed a small dim: 4.0 makes both sides of small
+      and mid-sized matrices up to 4:1 dense, which trains them better
+      (docs/kron_vs_muon.md), while the wide sides of large layers, whose dense
+      factors would outweigh the layer, stay diagonal. 1.0 gives psgd_torch's and
+      psgdax's rule.
     min_ndim_triangular: parameters with fewer dims get diagonal factors only.
     memory_save_mode: None (the rules above), 'one_diag' (the larger dim diagonal) or
       'all_diag' (every factor diagonal, Adam-like memory).
@@ -784,7 +789,8 @@ def scale_by_kron(
       b1=b1, nesterov=nesterov, update_probability=preconditioner_update_probability,
       layout_options=dict(max_size_triangular=max_size_triangular,
                           max_skew_triangular=max_skew_triangular,
-                          max_size_any_skew=max_size_any_skew,
+                          max_size_small_dim=max_size_small_dim,
+                          max_skew_small_dim=max_skew_small_dim,
                           min_ndim_triangular=min_ndim_triangular,
                           memory_save_mode=memory_save_mode, block_size=block_size,
                           merge_dims=merge_dims, param_sharding=param_sharding),
@@ -895,7 +901,8 @@ def kron(
     preconditioner_update_probability: ScalarOrSchedule = precond_update_prob_schedule(),
     max_size_triangular: int = 8192,
     max_skew_triangular: float = 1.0,
-    max_size_any_skew: int = 1024,
+    max_size_small_dim: int = 1024,
+    max_skew_small_dim: float = 4.0,
     min_ndim_triangular: int = 2,
     memory_save_mode: layout_lib.MemorySaveMode = None,
     block_size: Optional[int] = None,
@@ -938,7 +945,8 @@ def kron(
     preconditioner_update_probability: see `scale_by_kron`.
     max_size_triangular: see `scale_by_kron`.
     max_skew_triangular: see `scale_by_kron`.
-    max_size_any_skew: see `scale_by_kron`.
+    max_size_small_dim: see `scale_by_kron`.
+    max_skew_small_dim: see `scale_by_kron`.
     min_ndim_triangular: see `scale_by_kron`.
     memory_save_mode: see `scale_by_kron`.
     block_size: see `scale_by_kron`.
@@ -1016,8 +1024,8 @@ def kron(
       b1=b1, nesterov=nesterov,
       preconditioner_update_probability=preconditioner_update_probability,
       max_size_triangular=max_size_triangular, max_skew_triangular=max_skew_triangular,
-      max_size_any_skew=max_size_any_skew, min_ndim_triangular=min_ndim_triangular,
-      memory_save_mode=memory_save_mode,
+      max_size_small_dim=max_size_small_dim, max_skew_small_dim=max_skew_small_dim,
+      min_ndim_triangular=min_ndim_triangular, memory_save_mode=memory_save_mode,
       block_size=block_size, merge_dims=merge_dims, param_sharding=param_sharding,
       preconditioner_lr=preconditioner_lr,
       preconditioner_init_scale=preconditioner_init_scale,

@@ -15,9 +15,10 @@ Every parameter becomes an array of shape (batch, *block_shape):
   * optionally a huge dim is cut into equal blocks, each block becoming one more batch
     entry with factors of its own.
 Each dim of a block then gets a dense (d, d) or a diagonal (d,) factor: diagonal when
-the block's dim exceeds max_size, or when the layer's dim is above max_size_any_skew and
-too skewed for its size (judged without shard-local cuts, so shard-local blocks keep the
-whole layer's kinds).
+the block's dim exceeds max_size, or when the layer's dim is too skewed for its size:
+d^2 above max_skew times the layer's elements (max_skew_small_dim for dims up to
+max_size_small_dim). Judged without shard-local cuts, so shard-local blocks keep the
+whole layer's kinds.
 """
 
 import dataclasses
@@ -117,8 +118,8 @@ def num_blocks(size: int, block_size: Optional[int]) -> int:
 
 
 def plan_layout(shape: tuple[int, ...], scanned: bool, *, max_size: int, max_skew: float,
-                max_size_any_skew: int, min_ndim: int, memory_save_mode: Optional[str],
-                block_size: Optional[int],
+                max_size_small_dim: int, max_skew_small_dim: float, min_ndim: int,
+                memory_save_mode: Optional[str], block_size: Optional[int],
                 merge_dims: bool = True, shards: Optional[tuple[int, ...]] = None) -> Layout:
   """Layout for one parameter of the given shape; `shards`: the number of shard-local
   blocks along each dim of a layer (None: one)."""
@@ -139,8 +140,8 @@ def plan_layout(shape: tuple[int, ...], scanned: bool, *, max_size: int, max_ske
   sizes = [d // b for d, b in zip(dims, blocks)]
   unsharded = [size * math.prod(shards[i] for i in g) for size, g in zip(sizes, groups)]
   numel = math.prod(unsharded)
-  dense = [d > 1 and w <= max_size and len(inner) >= min_ndim
-           and (w <= max_size_any_skew or w * w <= max_skew * numel)
+  skew = lambda w: max(max_skew, max_skew_small_dim) if w <= max_size_small_dim else max_skew
+  dense = [d > 1 and w <= max_size and w * w <= skew(w) * numel and len(inner) >= min_ndim
            for d, w in zip(sizes, unsharded)]
   if memory_save_mode == "all_diag":
     dense = [False] * len(sizes)

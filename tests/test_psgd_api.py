@@ -31,8 +31,8 @@ def test_static_args_are_every_argument_but_the_hyperparams():
   # Pinned: a new argument of kron must be classified here on purpose.
   assert psgd.STATIC_ARGS == (
       "b1", "nesterov", "weight_decay_mask", "max_size_triangular", "max_skew_triangular",
-      "max_size_any_skew", "min_ndim_triangular", "memory_save_mode", "block_size", "merge_dims", "param_sharding",
-      "preconditioner_init_scale",
+      "max_size_small_dim", "max_skew_small_dim", "min_ndim_triangular", "memory_save_mode",
+      "block_size", "merge_dims", "param_sharding", "preconditioner_init_scale",
       "preconditioner_mode", "cache_preconditioner", "whiten_grad", "lr_style", "update_rms",
       "mu_dtype",
       "precond_dtype", "precond_update_precision", "precond_grads_precision",

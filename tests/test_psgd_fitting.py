@@ -187,8 +187,8 @@ def test_per_dim_factors_fit_a_three_factor_kronecker_covariance():
   # A (4, 6, 8) gradient whose covariance is A (x) B (x) C. With a factor per dim
   # (merge_dims=False, psgd_torch's layout) every factor is dense and P fits C^(-1/2) to
   # the noise floor of lr 0.1; merged into a (24, 8) matrix, both factors are dense by
-  # default (24 <= max_size_any_skew) and fit A (x) B as one; under the skew rule alone
-  # (max_size_any_skew=0, psgd_torch's and psgdax's) the 24 side is diagonal (24^2 > 192
+  # default (24 is a small dim, skewed 3:1) and fit A (x) B as one; under a skew of 1
+  # (max_skew_small_dim=1, psgd_torch's and psgdax's rule) the 24 side is diagonal (24^2 > 192
   # elements) and P cannot represent the target.
   covs = [random_spd(seed, d, 10.0) for seed, d in zip((3, 4, 5), (4, 6, 8))]
   roots = [jnp.asarray(matrix_power(c, 0.5), jnp.float32) for c in covs]
@@ -212,7 +212,7 @@ def test_per_dim_factors_fit_a_three_factor_kronecker_covariance():
       p = np.kron(p, as_matrix(f))
     return np.linalg.norm(p - target) / np.linalg.norm(target)
 
-  per_dim, merged, skewed = error(False), error(True), error(True, max_size_any_skew=0)
+  per_dim, merged, skewed = error(False), error(True), error(True, max_skew_small_dim=1.0)
   print(f"relative error of P: per dim {per_dim:.3f}, merged {merged:.3f}, merged with "
         f"the skew rule alone {skewed:.3f}")
   assert per_dim < 0.12

@@ -30,9 +30,9 @@ def run_steps(tx, params, grad_fn, steps):
 
 
 def _plan(shape, scanned, **options):
-  """layout.plan_layout with these defaults: no size cap, the skew rule for every dim."""
-  defaults = dict(max_size=8192, max_skew=1.0, max_size_any_skew=0, min_ndim=2,
-                  memory_save_mode=None, block_size=None)
+  """layout.plan_layout with these defaults: no size cap, one skew rule for every dim."""
+  defaults = dict(max_size=8192, max_skew=1.0, max_size_small_dim=0, max_skew_small_dim=4.0,
+                  min_ndim=2, memory_save_mode=None, block_size=None)
   return layout_lib.plan_layout(shape, scanned, **{**defaults, **options})
 
 
@@ -50,17 +50,22 @@ def test_layout_reshapes_to_most_square_and_picks_factor_kinds():
   assert one_diag.dense == (False, True)
 
 
-def test_dims_up_to_max_size_any_skew_are_dense_whatever_their_skew():
-  assert _plan((128, 512), False).dense == (True, False)  # the skew rule alone
-  assert _plan((128, 512), False, max_size_any_skew=1024).dense == (True, True)
-  assert _plan((512, 4096), False, max_size_any_skew=1024).dense == (True, False)
+def test_small_dims_may_be_more_skewed_than_large_ones():
+  assert _plan((128, 512), False).dense == (True, False)  # skew 1 for every dim
+  small = dict(max_size_small_dim=1024)  # up to 4:1 for dims up to 1024
+  assert _plan((128, 512), False, **small).dense == (True, True)
+  assert _plan((64, 512), False, **small).dense == (True, False)  # 8:1
+  assert _plan((512, 4096), False, **small).dense == (True, False)  # 4096: skew 1
   # max_size and min_ndim still apply: a capped dim and a vector stay diagonal.
-  assert _plan((64, 512), False, max_size=256, max_size_any_skew=1024).dense == (True, False)
-  assert _plan((7,), False, max_size_any_skew=1024).dense == (False, False)
-  # psgd.kron's default: a GPT-2-sized MLP keeps its 3072 side diagonal, a small one is dense.
-  gpt2, small = ({"w": jnp.zeros(shape)} for shape in ((768, 3072), (256, 1024)))
+  assert _plan((128, 512), False, max_size=256, **small).dense == (True, False)
+  assert _plan((7,), False, **small).dense == (False, False)
+  # psgd.kron's defaults: GPT-2's MLP keeps its 3072 side diagonal, a small one is
+  # dense, and a byte-level embedding 10x taller than wide keeps its vocab side diagonal.
+  gpt2, small_mlp, embedding = ({"w": jnp.zeros(shape)}
+                                for shape in ((768, 3072), (256, 1024), (320, 32)))
   assert psgd.plan_layouts(gpt2)["w"].dense == (True, False)
-  assert psgd.plan_layouts(small)["w"].dense == (True, True)
+  assert psgd.plan_layouts(small_mlp)["w"].dense == (True, True)
+  assert psgd.plan_layouts(embedding)["w"].dense == (False, True)
 
 
 def test_a_block_size_far_from_every_divisor_is_warned_of():
@@ -246,7 +251,7 @@ def test_bf16_precision_multiplies_in_bf16_and_only_rounds(cache):
             "v": jax.random.normal(jax.random.key(2), (16, 16))}
   grad_fn = lambda p: jax.tree.map(lambda x: jnp.sin(3 * x) + x**2, p)
   kwargs = dict(preconditioner_update_probability=0.0, cache_preconditioner=cache,
-                scanned_layers={"w": True, "v": False}, max_size_any_skew=0)
+                scanned_layers={"w": True, "v": False}, max_skew_small_dim=1.0)
   warm = psgd.scale_by_kron(**{**kwargs, "preconditioner_update_probability": 1.0})
   _, state = run_steps(warm, params, grad_fn, 10)  # fitted factors, not the identity
   grads = grad_fn(params)
@@ -536,7 +541,8 @@ def test_works_with_nnx_optimizer():
     (dict(max_update_rms=0.0), "max_update_rms"),
     (dict(block_size=0), "block_size"),
     (dict(lax_map_batch_size=0), "lax_map_batch_size"),
-    (dict(max_size_any_skew=-1), "max_size_any_skew"),
+    (dict(max_size_small_dim=-1), "max_size_small_dim"),
+    (dict(max_skew_small_dim=-1.0), "max_skew_small_dim"),
 ])
 def test_bad_arguments_raise_value_error_naming_them(kwargs, name):
   with pytest.raises(ValueError, match=name):

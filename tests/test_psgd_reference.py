@@ -153,14 +153,14 @@ def our_fit(mode: str, grads: np.ndarray, monkeypatch, **layout) -> tuple[np.nda
 
 
 # (shape, our layout options, the reference's factor kinds for the squeezed shape);
-# max_size_any_skew=0 is the reference's size rule (the skew rule for every dim).
+# max_skew_small_dim=1 is the reference's size rule (a skew of 1 for every dim).
 CASES = {
     "vector": ((7,), {}, (False,)),
     "dense_x_dense": ((5, 3), dict(max_skew_triangular=float("inf")), (True, True)),
-    "diag_x_dense": ((8, 3), dict(max_size_any_skew=0), (False, True)),
+    "diag_x_dense": ((8, 3), dict(max_skew_small_dim=1.0), (False, True)),
     "rank3_dense": ((3, 4, 5), dict(merge_dims=False, max_skew_triangular=float("inf")),
                     (True, True, True)),
-    "rank3_mixed": ((2, 3, 8), dict(merge_dims=False, max_size_any_skew=0),
+    "rank3_mixed": ((2, 3, 8), dict(merge_dims=False, max_skew_small_dim=1.0),
                     (True, True, False)),
 }
 
