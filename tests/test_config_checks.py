@@ -59,6 +59,8 @@ def _refused(config, workdir, setting: str):
     ("train.peak_flops_per_device", -1.0),
     ("train.stop_at", 41),  # tiny_config's steps are 40
     ("checkpoint.keep_every", 15),  # not a multiple of save_every=10: never saved
+    ("checkpoint.max_to_keep", 1),  # no fallback when the one kept step is damaged
+    ("train.microbatches", 0),
     ("data.shuffle_seed", -1),
     ("data.tfds_name", "lm1b"),  # set, but data.source='stdlib' does not read it
     ("data.files_glob", "corpus/*.txt"),
@@ -74,6 +76,14 @@ def test_bad_setting_is_refused_naming_it(tmp_path, setting, value):
   _set(config, setting, value)
   message = _refused(config, tmp_path, f"{setting}=")
   assert "must" in message or "finite" in message  # says what to change
+
+
+def test_edge_values_that_work_are_accepted():
+  config = tiny_config()
+  config.train.stop_at = config.train.steps  # stop (and save) at the last step
+  config.train.eval_every, config.data.eval_batches = 0, 0  # no evals, so no eval batches
+  config.checkpoint.max_to_keep = None  # keep them all
+  validate.check_config(config)
 
 
 def test_dry_run_gets_the_config_checks():

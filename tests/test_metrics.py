@@ -207,3 +207,6 @@ def test_write_whole_leaves_the_old_file_when_the_new_one_cannot_be_written(tmp_
   (tmp_path / "config.json.tmp").rmdir()
   paths.write_whole(path, "new")
   assert path.read_text() == "new" and not (tmp_path / "config.json.tmp").exists()
+  written = path.stat().st_ino  # a rewrite would rename a new file over it
+  paths.write_whole(path, "new")  # unchanged: not written again (a remote copy costs)
+  assert path.stat().st_ino == written

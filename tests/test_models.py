@@ -221,7 +221,9 @@ def test_partition_specs_and_param_info_follow_the_rules(scanned):
   layer = specs["blocks"]["layers"]
   assert layer["attn"]["wq"] == P(None, "fsdp", "tensor", None)
   assert layer["attn"]["wk"] == P(None, "fsdp", "tensor", None)
+  assert layer["attn"]["wv"] == P(None, "fsdp", "tensor", None)
   assert layer["attn"]["wo"] == P(None, "tensor", None, "fsdp")
+  assert layer["mlp"]["gate"] == layer["mlp"]["up"] == P(None, "fsdp", "tensor")
   assert layer["mlp"]["down"] == P(None, "tensor", "fsdp")
   assert layer["mlp_norm"]["scale"] == P(None, None)
 

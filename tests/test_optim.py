@@ -19,6 +19,45 @@ def test_warmup_then_cosine_to_the_floor():
   assert float(schedule(110)) == pytest.approx(0.1)
 
 
+def test_warmup_then_linear_to_the_floor_of_the_width_scaled_peak():
+  cfg = base_config().optimizer
+  cfg.update(dict(learning_rate=1.0, warmup_steps=10, decay="linear", min_lr_ratio=0.1))
+  schedule = optim.learning_rate_schedule(cfg, total_steps=110, width_multiplier=4)
+  assert float(schedule(10)) == pytest.approx(0.25)
+  assert float(schedule(60)) == pytest.approx(0.1375)  # halfway from 0.25 to 0.025
+  assert float(schedule(110)) == pytest.approx(0.025)
+
+
+def test_warmup_longer_than_the_run_ends_at_the_peak():
+  cfg = base_config().optimizer
+  cfg.update(dict(learning_rate=1.0, warmup_steps=20, decay="cosine", min_lr_ratio=0.1))
+  schedule = optim.learning_rate_schedule(cfg, total_steps=10)
+  assert float(schedule(5)) == pytest.approx(0.5) and float(schedule(10)) == pytest.approx(1.0)
+
+
+def test_gradients_are_clipped_to_the_global_norm_before_the_optimizer():
+  cfg = base_config().optimizer
+  cfg.update(dict(name="sgd", b1=0.0, learning_rate=1.0, warmup_steps=0, decay="constant",
+                  weight_decay=0.0, grad_clip_norm=1.0))
+  tx, _ = optim.make_optimizer(cfg, 10)
+  grads = {"w": jnp.full((10,), 10.0 / 10**0.5)}  # global norm 10
+  updates, _ = tx.update(grads, tx.init(grads), grads)
+  assert float(jnp.linalg.norm(updates["w"])) == pytest.approx(1.0, rel=1e-5)
+
+
+def test_muon_decays_only_where_the_mask_says():
+  cfg = base_config().optimizer
+  cfg.update(dict(name="muon", learning_rate=0.1, warmup_steps=0, decay="constant",
+                  weight_decay=0.5))
+  params = {"w": jnp.ones((4, 3)), "v": jnp.ones((4, 3))}
+  tx, _ = optim.make_optimizer(cfg, 10, weight_decay_mask={"w": True, "v": False},
+                               matrix_axes={"w": ((0,), (1,)), "v": ((0,), (1,))})
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = tx.update(zeros, tx.init(params), params)
+  assert float(jnp.abs(updates["w"]).max()) > 0
+  assert float(jnp.abs(updates["v"]).max()) == 0
+
+
 def test_width_multiplier_scales_the_peak_learning_rate():
   cfg = base_config().optimizer
   cfg.update(dict(learning_rate=0.4, warmup_steps=0, decay="constant"))

@@ -58,8 +58,27 @@ def test_finite_step_that_writes_nonfinite_params_is_skipped():
   assert int(metrics["train/skipped"]) == 1 and int(metrics["train/skipped_in_a_row"]) == 1
   np.testing.assert_array_equal(state.params["w"], np.ones(2))  # unchanged
   assert int(step_lib.applied_updates(state.opt_state)) == 0
+  assert int(state.step) == 1  # a skipped step is still a step: checkpoints count it
 
   state, metrics = step(state, batch([1e-37, 1e-37]))  # update -30: finite, applied
   assert int(metrics["train/skipped"]) == 0 and int(metrics["train/skipped_in_a_row"]) == 0
   np.testing.assert_allclose(state.params["w"], np.ones(2) - 3e38 * 1e-37, rtol=1e-5)
   assert int(step_lib.applied_updates(state.opt_state)) == 1
+  assert int(state.step) == 2
+
+
+def test_microbatches_average_to_the_full_batch_gradient():
+  """The loss is a mean over rows, so 2 microbatches of 2 rows give the gradient of 4."""
+  mean_loss = lambda params, batch: jnp.mean(jnp.sum(params["w"] * batch["g"], axis=(1, 2)))
+  tx = optax.sgd(optax.constant_schedule(1.0))  # the step reads its schedule's count
+  rows = {"g": jnp.arange(16.0).reshape(4, 2, 2)}
+  results = []
+  for micro in (1, 2):
+    step = jax.jit(step_lib.make_train_step(mean_loss, tx, optax.constant_schedule(1.0),
+                                            microbatches=micro))
+    results.append(step(fresh_state(tx, {"w": jnp.zeros((2, 2))}), rows))
+  (one, one_metrics), (two, two_metrics) = results
+  np.testing.assert_allclose(two.params["w"], -rows["g"].mean(0), rtol=1e-6)
+  np.testing.assert_allclose(two.params["w"], one.params["w"], rtol=1e-6)
+  assert float(two_metrics["train/grad_norm"]) == pytest.approx(
+      float(one_metrics["train/grad_norm"]))
