@@ -67,6 +67,20 @@ def test_eval_of_a_directory_that_is_no_run_says_so(tmp_path):
   assert "--workdir must be the workdir of a run" in result.stderr
 
 
+@pytest.mark.parametrize("module, args, said", [
+    ("eval", ("--step", "15"), "15"),  # no checkpoint at that step
+    ("sample", ("--step", "15"), "15"),
+    ("eval", ("--config.data.eval_split=test",), "data.eval_split='test'"),  # no such split
+])
+def test_a_step_or_split_the_run_lacks_is_one_line_naming_it(trained_run, module, args,
+                                                              said):
+  result = _tool(module, trained_run, *args)
+  assert result.returncode == 1
+  assert "Traceback" not in result.stderr
+  assert result.stderr.strip().splitlines()[-1].startswith("Error: ")
+  assert said in result.stderr.strip().splitlines()[-1]
+
+
 def test_a_run_in_a_workdir_named_checkpoints_reads_back(trained_run, tmp_path):
   """Readers take a workdir or its checkpoints directory; a workdir may itself be named
   checkpoints."""

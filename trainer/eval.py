@@ -16,13 +16,16 @@ from typing import Optional
 import jax
 from absl import app, flags
 
-from trainer import distributed, saved_run
+from trainer import distributed, paths, saved_run, validate
 
 
 def evaluate_checkpoint(config, workdir: str, step: Optional[int] = None,
                         devices=None) -> tuple[int, dict[str, float]]:
   """(step, eval metrics) of the run in `workdir`, built from `config` (the run's own,
   from saved_run.load_config, with any changes) on `devices` (default: all)."""
+  # The eval split and tokenizer, checked as a training run checks them.
+  validate.check_data(paths.resolve_config_paths(config), jax.process_index(),
+                      jax.process_count())
   step, params, run = saved_run.restore_params(config, workdir, step, devices)
   with jax.set_mesh(run.mesh):
     return step, run.evaluate(params)
@@ -40,4 +43,4 @@ def main(argv):
 
 if __name__ == "__main__":
   saved_run.define_flags(sys.argv)
-  app.run(main)
+  app.run(saved_run.one_line_errors(main))

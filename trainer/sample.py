@@ -160,4 +160,4 @@ def main(argv):
 
 if __name__ == "__main__":
   saved_run.define_flags(sys.argv)
-  app.run(main)
+  app.run(saved_run.one_line_errors(main))

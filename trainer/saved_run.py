@@ -65,6 +65,17 @@ def restore_params(config, workdir: str, step: Optional[int] = None, devices=Non
   return step, restored["params"], run
 
 
+def one_line_errors(main):
+  """main(argv) that reports a step that does not restore or a setting that cannot work
+  in one line with status 1, as trainer.main does, rather than with a traceback."""
+  def wrapped(argv):
+    try:
+      return main(argv)
+    except (checkpoint_lib.CheckpointRestoreError, ValueError) as error:
+      sys.exit(f"Error: {error}")
+  return wrapped
+
+
 def define_flags(argv: list[str]) -> None:
   """Defines the absl flags --workdir, --step and --config, the config of the run that
   argv's --workdir names, so `--config.<key>=<value>` overrides it. Call before app.run."""

@@ -108,7 +108,7 @@ def check_run(config, workdir: str) -> None:
   """check_config, then the workdir and this process's share of the data splits."""
   check_config(config)
   _check_workdir(workdir)
-  _check_data(config, jax.process_index(), jax.process_count())
+  check_data(config, jax.process_index(), jax.process_count())
 
 
 def _check_workdir(workdir: str) -> None:
@@ -143,7 +143,7 @@ def _open(data, setting: str):
                      "must be prepared in data.data_dir.") from e
 
 
-def _check_data(config, process_index: int, process_count: int) -> None:
+def check_data(config, process_index: int, process_count: int) -> None:
   """The train split has documents for this process; with evals on, the validation
   split holds at least one full eval batch for it (a smaller one would be mostly
   padding, and its loss mostly noise)."""
