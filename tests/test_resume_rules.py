@@ -76,8 +76,10 @@ def test_rule_row(row):
   saved = _config_dict(tiny_config())
   problems = resume_rules.refused_changes(saved, _changed(saved, key, value))
   if refused:
-    assert len(problems) == 1 and problems[0].startswith(f"{key}: checkpoint has ")
-    assert json.dumps(value) in problems[0]
+    old = resume_rules.changes(saved, _changed(saved, key, value))[0][1]
+    assert len(problems) == 1
+    assert problems[0].startswith(f"{key}: checkpoint has {json.dumps(old)}, this run has "
+                                  f"{json.dumps(value)} (")
   else:
     assert problems == []
 
