@@ -258,6 +258,16 @@ def test_params_without_axis_names_are_rejected():
     models.scanned_mask(params_of(Bare()))
 
 
+def test_params_with_fewer_axis_names_than_dims_are_rejected():
+  class Short(nnx.Module):
+    def __init__(self):
+      self.w = nnx.Param(jnp.zeros((2, 3)))
+      self.w.set_metadata(out_sharding=("embed",))  # flax checks it only under a mesh
+
+  with pytest.raises(ValueError, match="one logical axis name per dim"):
+    models.scanned_mask(params_of(Short()))
+
+
 def test_sharded_init_places_params_by_their_specs_and_matches_one_device(
     scanned, scanned_logits, tokens):
   mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"),
@@ -375,6 +385,9 @@ def test_width_multiplier_widens_every_width_but_head_dim():
   assert shapes["embed"]["table"] == (64, 64)
   assert shapes["blocks"]["layers"]["attn"]["wq"] == (1, 64, 4, 16)  # 4 heads of 16
   assert shapes["blocks"]["layers"]["mlp"]["up"] == (1, 64, 128)
+  config.num_kv_heads = 1  # grouped-query attention widens its kv heads too
+  model = nnx.eval_shape(lambda: models.build(config, nnx.Rngs(0)))
+  assert nnx.state(model, nnx.Param)["blocks"]["layers"]["attn"]["wk"].shape == (1, 64, 2, 16)
   config.width_multiplier = 0
   with pytest.raises(ValueError, match="model.width_multiplier"):
     models.build(config, nnx.Rngs(0))
