@@ -82,3 +82,16 @@ def test_microbatches_average_to_the_full_batch_gradient():
   np.testing.assert_allclose(two.params["w"], one.params["w"], rtol=1e-6)
   assert float(two_metrics["train/grad_norm"]) == pytest.approx(
       float(one_metrics["train/grad_norm"]))
+
+
+def test_a_non_finite_loss_with_finite_gradients_is_skipped():
+  """A NaN term that carries no gradient: the gradients alone would let the step pass."""
+  nan_loss = lambda params, batch: (jnp.sum(params["w"] * batch["g"])
+                                    + jax.lax.stop_gradient(jnp.float32(jnp.nan)))
+  tx = optax.sgd(optax.constant_schedule(1.0))
+  step = jax.jit(step_lib.make_train_step(nan_loss, tx, optax.constant_schedule(1.0),
+                                          microbatches=1))
+  state, metrics = step(fresh_state(tx, {"w": jnp.ones(2)}), batch([1.0, 1.0]))
+  assert np.isfinite(float(metrics["train/grad_norm"]))
+  assert int(metrics["train/skipped"]) == 1
+  np.testing.assert_array_equal(state.params["w"], np.ones(2))
