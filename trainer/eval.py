@@ -23,9 +23,9 @@ def evaluate_checkpoint(config, workdir: str, step: Optional[int] = None,
                         devices=None) -> tuple[int, dict[str, float]]:
   """(step, eval metrics) of the run in `workdir`, built from `config` (the run's own,
   from saved_run.load_config, with any changes) on `devices` (default: all)."""
+  config = paths.resolve_config_paths(config)
   # The eval split and tokenizer, checked as a training run checks them.
-  validate.check_data(paths.resolve_config_paths(config), jax.process_index(),
-                      jax.process_count())
+  validate.check_data(config, jax.process_index(), jax.process_count())
   step, params, run = saved_run.restore_params(config, workdir, step, devices)
   with jax.set_mesh(run.mesh):
     return step, run.evaluate(params)

@@ -59,5 +59,10 @@ def batch_axes(rules: Sequence[tuple[str, object]]) -> tuple[str, ...]:
   return next((axis_names(target) for name, target in rules if name == "batch"), ())
 
 
+def batch_sharding(mesh: jax.sharding.Mesh, rules) -> jax.sharding.NamedSharding:
+  """Rows of a batch split over the 'batch' rule's mesh axes (replicated without one)."""
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(batch_axes(rules) or None))
+
+
 def data_parallel_size(mesh: jax.sharding.Mesh, rules) -> int:
   return math.prod(mesh.shape[a] for a in batch_axes(rules))

@@ -102,8 +102,8 @@ def _check_batch(config, mesh, rules) -> None:
   # those rows, none of another process's (else the batch axes replicate rows over
   # processes, and each would feed different data for the same rows).
   rows = {}
-  sharding = NamedSharding(mesh, P(mesh_lib.batch_axes(rules) or None))
-  for device, (index,) in sharding.devices_indices_map((batch,)).items():
+  for device, (index,) in mesh_lib.batch_sharding(mesh, rules).devices_indices_map(
+      (batch,)).items():
     rows.setdefault(device.process_index, set()).update(range(*index.indices(batch)))
   held = [len(r) for r in rows.values()]
   if any(n != batch // processes for n in held) or sum(held) != batch:
@@ -196,7 +196,7 @@ def build_setup(config, devices=None, check_vocab: bool = True,
     abstract_state = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
         jax.eval_shape(init_state), state_shardings)
-  batch_sharding = NamedSharding(mesh, P(mesh_lib.batch_axes(rules) or None))
+  batch_sharding = mesh_lib.batch_sharding(mesh, rules)
   loss_fn = step_lib.make_loss_fn(graphdef, rest, rules)
   train_step = jax.jit(
       step_lib.make_train_step(loss_fn, tx, schedule, config.train.microbatches,
