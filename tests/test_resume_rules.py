@@ -27,11 +27,11 @@ CASES = {
     "optimizer.name": ("optimizer.name", "adamw", True),
     "optimizer.kron.preconditioner_mode": ("optimizer.kron.preconditioner_mode", "PRO4P",
                                            True),
-    "optimizer.kron.max_size_triangular": ("optimizer.kron.max_size_triangular", 16, True),
-    "optimizer.kron.max_skew_triangular": ("optimizer.kron.max_skew_triangular", 2.0, True),
-    "optimizer.kron.max_size_small_dim": ("optimizer.kron.max_size_small_dim", 0, True),
-    "optimizer.kron.max_skew_small_dim": ("optimizer.kron.max_skew_small_dim", 1.0, True),
-    "optimizer.kron.memory_save_mode": ("optimizer.kron.memory_save_mode", "one_diag", True),
+    "optimizer.kron.max_size_triangular": ("optimizer.kron.max_size_triangular", 16, False),
+    "optimizer.kron.max_skew_triangular": ("optimizer.kron.max_skew_triangular", 2.0, False),
+    "optimizer.kron.max_size_small_dim": ("optimizer.kron.max_size_small_dim", 0, False),
+    "optimizer.kron.max_skew_small_dim": ("optimizer.kron.max_skew_small_dim", 1.0, False),
+    "optimizer.kron.memory_save_mode": ("optimizer.kron.memory_save_mode", "one_diag", False),
     "optimizer.kron.block_size": ("optimizer.kron.block_size", 64, True),
     "optimizer.kron.merge_dims": ("optimizer.kron.merge_dims", False, True),
     "optimizer.kron.shard_local": ("optimizer.kron.shard_local", True, True),
@@ -152,6 +152,25 @@ def test_a_resumable_setting_that_changes_the_arrays_is_named(saved_run, tmp_pat
                      match=r"opt_state\..*missing(.|\n)*changed since the checkpoint: "
                            r"optimizer\.b1 \(0\.9 -> 0\.0\)"):
     _resume(saved_run, tmp_path, **{"optimizer.b1": 0.0, "optimizer.kron.nesterov": False})
+
+
+def test_a_layout_setting_that_turns_no_factor_resumes(saved_run, tmp_path, caplog):
+  """No dim of the tiny model exceeds 4096, so this bound changes no factor (as a new
+  library default may not): the run resumes."""
+  caplog.set_level(logging.INFO)
+  (state, _), _ = _resume(saved_run, tmp_path, **{"optimizer.kron.max_size_triangular": 4096})
+  assert "Starting at step 4 of 6" in caplog.text and int(state.step) == 6
+
+
+def test_a_layout_setting_that_turns_a_factor_is_refused_by_its_shapes(saved_run, tmp_path):
+  """Skew 1 makes the wide side of the 32 x 64 MLP matrices diagonal: (blocks, 64, 64)
+  saved, (blocks, 64) now. The refusal names the setting and loses no checkpoint."""
+  with pytest.raises(checkpoint_lib.CheckpointMismatchError,
+                     match=r"opt_state\..*\(2, 64, 64\), this run \(2, 64\)(.|\n)*changed "
+                           r"since the checkpoint: optimizer\.kron\.max_skew_small_dim "
+                           r"\(4\.0 -> 1\.0\)"):
+    _resume(saved_run, tmp_path, **{"optimizer.kron.max_skew_small_dim": 1.0})
+  assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["1", "4"]
 
 
 def test_a_missing_data_position_is_an_error_unless_restart_data(saved_run, tmp_path,

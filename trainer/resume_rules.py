@@ -17,6 +17,8 @@ class Rule(NamedTuple):
   why: str
 
 
+_SHAPES_SHOW_DENSE = "it decides which factors are dense, which their saved shapes show"
+
 RULES = (
     Rule("seed", True, "a resume restores the RNG; the seed only sets a fresh init"),
     Rule("mesh", True, "the saved state is resharded onto the new mesh"),
@@ -30,11 +32,14 @@ RULES = (
     Rule("optimizer.name", False, "the optimizer state belongs to one optimizer"),
     Rule("optimizer.kron.preconditioner_mode", False,
          "modes store Q or P itself: the saved factors mean something else in another"),
-    Rule("optimizer.kron.max_size_triangular", False, "it decides which factors are dense"),
-    Rule("optimizer.kron.max_skew_triangular", False, "it decides which factors are dense"),
-    Rule("optimizer.kron.max_size_small_dim", False, "it decides which factors are dense"),
-    Rule("optimizer.kron.max_skew_small_dim", False, "it decides which factors are dense"),
-    Rule("optimizer.kron.memory_save_mode", False, "it decides which factors are dense"),
+    # A dense factor is saved as (blocks, d, d), a diagonal one as (blocks, d): the shape
+    # check refuses a change that turns a factor, and a run whose factors all stay as
+    # they were (a new library default with the same layout) resumes.
+    Rule("optimizer.kron.max_size_triangular", True, _SHAPES_SHOW_DENSE),
+    Rule("optimizer.kron.max_skew_triangular", True, _SHAPES_SHOW_DENSE),
+    Rule("optimizer.kron.max_size_small_dim", True, _SHAPES_SHOW_DENSE),
+    Rule("optimizer.kron.max_skew_small_dim", True, _SHAPES_SHOW_DENSE),
+    Rule("optimizer.kron.memory_save_mode", True, _SHAPES_SHOW_DENSE),
     Rule("optimizer.kron.block_size", False, "it decides how parameters split into blocks"),
     Rule("optimizer.kron.merge_dims", False, "it decides how many factors a parameter has"),
     Rule("optimizer.kron.shard_local", False, "it decides how parameters split into blocks"),
