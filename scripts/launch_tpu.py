@@ -8,14 +8,19 @@ the trainer on every host, stream the log, delete the slice.
 slice as a queued resource (it waits for capacity); --spot asks for spot capacity.
 --steps runs a part, e.g. --steps=train,logs on a slice that already exists. Checkpoints
 live in the gs:// workdir, so after a preemption the same command resumes the run.
-Flags after `--` go to the trainer. Check the config fits first: docs/pod_slices.md.
+If the log stream ends before the run (a dropped connection, Ctrl-C), the slice is left
+running and the commands to follow it again or delete it are printed. Flags after `--`
+go to the trainer. Check the config fits first: docs/pod_slices.md.
 """
 
 import argparse
+import ast
+import os
 import pathlib
 import shlex
 import subprocess
 import sys
+import tarfile
 import time
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -24,6 +29,16 @@ STEPS = ("create", "install", "train", "logs", "delete")
 RUNTIME_VERSIONS = {"v4": "tpu-ubuntu2204-base", "v5litepod": "v2-alpha-tpuv5-lite",
                     "v5p": "v2-alpha-tpuv5", "v6e": "v2-alpha-tpuv6e"}
 REMOTE_DIR, REMOTE_VENV, REMOTE_LOG = "~/psgd-train", "~/psgd-venv", "~/train.log"
+SSH_LOST_CONNECTION = 255  # ssh's exit status when the connection, not the command, failed
+
+
+def known_slices() -> list[str]:
+  """configs/llm_tpu.py's SLICES, read without importing it (this script needs only the
+  standard library on the machine it runs on)."""
+  module = ast.parse((REPO / "configs" / "llm_tpu.py").read_text())
+  return next(list(ast.literal_eval(node.value)) for node in module.body
+              if isinstance(node, ast.Assign) and
+              any(getattr(t, "id", None) == "SLICES" for t in node.targets))
 
 
 def parse_args(argv):
@@ -43,6 +58,7 @@ def parse_args(argv):
   split = argv.index("--") if "--" in argv else len(argv)  # the rest is the trainer's
   args = parser.parse_args(argv[:split])
   args.trainer_flags = argv[split + 1:]
+  args.launcher_flags = argv[:split]
   args.steps = args.steps.split(",")
   unknown = sorted(set(args.steps) - set(STEPS))
   if unknown:
@@ -52,6 +68,13 @@ def parse_args(argv):
   if not args.version:
     parser.error(f"--version is needed for {args.slice!r} (known generations: "
                  f"{', '.join(RUNTIME_VERSIONS)})")
+  if not args.workdir.startswith("gs://"):
+    parser.error(f"--workdir {args.workdir!r}: give a gs:// path. Every host writes the "
+                 "same checkpoints there, and a path on the slice's own disks is deleted "
+                 "with the slice.")
+  if args.config is None and args.slice not in known_slices():
+    parser.error(f"configs/llm_tpu.py has no settings for --slice {args.slice} (known: "
+                 f"{', '.join(known_slices())}): add it to SLICES there, or pass --config.")
   args.config = args.config or f"configs/llm_tpu.py:{args.slice}"
   return args
 
@@ -70,6 +93,17 @@ def archive(args) -> str:
   return f"/tmp/{args.name}-psgd-train.tar.gz"
 
 
+def pack_checkout(args) -> None:
+  """Archive this checkout's files, tracked and untracked but not ignored, for the hosts.
+  A tracked file deleted from the working tree is left out (tar would stop at it)."""
+  listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO,
+                          check=True, capture_output=True, text=True).stdout.split("\0")
+  with tarfile.open(archive(args), "w:gz") as tar:
+    for name in dict.fromkeys(filter(None, listed)):
+      if os.path.lexists(REPO / name):
+        tar.add(REPO / name, arcname=name, recursive=False)
+
+
 def step_commands(args, step: str) -> list:
   """The commands of one step: argv lists, or strings for the local shell."""
   spot = ["--spot"] if args.spot else []
@@ -86,8 +120,7 @@ def step_commands(args, step: str) -> list:
               f"python3 -m uv venv -q --python 3.11 {REMOTE_VENV} && "
               f"python3 -m uv pip install -q --python {REMOTE_VENV}/bin/python "
               "-c .ci/constraints.txt -e '.[train,tpu,sentencepiece]' gcsfs")
-    return [f"git ls-files -co --exclude-standard -z | tar -czf {archive(args)} --null -T -",
-            [*gcloud(args, "tpu-vm", "scp", archive(args), f"{args.name}:~/"),
+    return [[*gcloud(args, "tpu-vm", "scp", archive(args), f"{args.name}:~/"),
              "--worker=all"],
             ssh(args, "all", remote)]
   if step == "train":
@@ -120,6 +153,30 @@ def wait_until_active(args) -> None:
     time.sleep(60)
 
 
+def follow_log(args) -> bool:
+  """The `logs` step: True once the trainer has exited 0, CalledProcessError if it failed,
+  False if the stream ended first (ssh lost its connection, or Ctrl-C): the run goes on."""
+  try:
+    status = subprocess.run(step_commands(args, "logs")[0], cwd=REPO).returncode
+  except KeyboardInterrupt:
+    return False
+  if status == SSH_LOST_CONNECTION:
+    return False
+  if status:
+    raise subprocess.CalledProcessError(status, "logs")
+  return True
+
+
+def detached_message(args) -> str:
+  flags = [f for i, f in enumerate(args.launcher_flags) if not f.startswith("--steps")
+           and not (i and args.launcher_flags[i - 1] == "--steps")]
+  again = lambda steps: shlex.join(["python", "scripts/launch_tpu.py", *flags,
+                                    f"--steps={steps}"])
+  return (f"Stopped following the log; the run goes on on slice {args.name}, which is not "
+          f"deleted. Follow it and delete the slice when it ends:\n  {again('logs,delete')}"
+          f"\nor delete it now:\n  {again('delete')}")
+
+
 def execute(command) -> None:
   if isinstance(command, str):
     subprocess.run(command, shell=True, check=True, cwd=REPO)
@@ -131,20 +188,33 @@ def main(argv=None) -> None:
   args = parse_args(sys.argv[1:] if argv is None else argv)
   steps = [s for s in STEPS if s in args.steps]
   if args.dry_run:
+    if "install" in steps:
+      print(f"# pack this checkout (git ls-files -co --exclude-standard) into {archive(args)}")
     for step in steps:
       for command in step_commands(args, step):
         print(command if isinstance(command, str) else shlex.join(command))
     return
+  if "install" in steps:  # before paying for a slice
+    pack_checkout(args)
+  run_goes_on = False
   try:
     for step in (s for s in steps if s != "delete"):
+      if step == "logs":
+        run_goes_on = not follow_log(args)
+        if run_goes_on:
+          break
+        continue
       for command in step_commands(args, step):
         execute(command)
       if step == "create" and args.queued:
         wait_until_active(args)
   finally:
-    if "delete" in steps:  # a slice left running costs money, whatever went wrong
+    # A slice left running costs money, whatever went wrong; but not one still training.
+    if "delete" in steps and not run_goes_on:
       for command in step_commands(args, "delete"):
         execute(command)
+  if run_goes_on:
+    raise SystemExit(detached_message(args))
 
 
 if __name__ == "__main__":

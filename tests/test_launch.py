@@ -1,15 +1,26 @@
 """The launchers' dry runs print exactly the commands they would run."""
 
 import importlib.util
+import pathlib
 import shlex
 import subprocess
 import sys
+import tarfile
+
+import pytest
 
 from trainer_utils import REPO
 
-_spec = importlib.util.spec_from_file_location("launch_gpu", REPO / "scripts/launch_gpu.py")
-launch_gpu = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(launch_gpu)
+
+
+def _load(name):
+  spec = importlib.util.spec_from_file_location(name, REPO / f"scripts/{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+launch_gpu, launch_tpu = _load("launch_gpu"), _load("launch_tpu")
 
 
 def dry_run(script: str, *args, trainer_flags=()) -> list[str]:
@@ -26,11 +37,11 @@ def test_tpu_launcher_creates_installs_trains_on_every_host_streams_and_deletes(
                   "us-east5-a", "--project", "my-proj", "--workdir", "gs://bkt/runs/1",
                   trainer_flags=["--config.train.steps=100"])
   where = ["--zone", "us-east5-a", "--project", "my-proj"]
-  create, pack, scp, install, train, logs, delete = lines
+  pack, create, scp, install, train, logs, delete = lines
   assert shlex.split(create) == ["gcloud", "compute", "tpus", "tpu-vm", "create", "llm1b",
                                  "--accelerator-type", "v5p-16", "--version",
                                  "v2-alpha-tpuv5", *where]
-  assert pack.startswith("git ls-files") and "/tmp/llm1b-psgd-train.tar.gz" in pack
+  assert pack.startswith("# pack") and pack.endswith(" /tmp/llm1b-psgd-train.tar.gz")
   assert shlex.split(scp) == ["gcloud", "compute", "tpus", "tpu-vm", "scp",
                               "/tmp/llm1b-psgd-train.tar.gz", "llm1b:~/", *where,
                               "--worker=all"]
@@ -93,3 +104,86 @@ def test_gpu_launcher_slurm_script_runs_one_task_per_node():
                            "--config.distributed.num_processes=$SLURM_NTASKS "
                            "--config.distributed.process_id=$SLURM_PROCID")
   assert lines[-1] == "sbatch psgd-train.sbatch"
+
+
+TPU_ARGS = ["--name", "n1", "--slice", "v5p-16", "--zone", "z", "--project", "p",
+            "--workdir", "gs://b/r"]
+
+
+def _run_tpu_launcher(monkeypatch, logs_outcome, steps="train,logs,delete"):
+  """main() with gcloud stubbed: the `logs` ssh returns `logs_outcome` (an exit status)
+  or raises it (an exception); the steps that ran, in order."""
+  ran = []
+
+  def fake_run(command, **kwargs):
+    step = ("logs" if "--worker=0" in command else "delete" if "delete" in command
+            else "train")
+    ran.append(step)
+    if step == "logs" and isinstance(logs_outcome, BaseException):
+      raise logs_outcome
+    status = logs_outcome if step == "logs" else 0
+    if kwargs.get("check") and status:
+      raise subprocess.CalledProcessError(status, command)
+    return subprocess.CompletedProcess(command, status)
+  monkeypatch.setattr(launch_tpu.subprocess, "run", fake_run)
+  error = None
+  try:
+    launch_tpu.main([*TPU_ARGS, f"--steps={steps}"])
+  except (SystemExit, subprocess.CalledProcessError) as e:
+    error = e
+  return ran, error
+
+
+def test_tpu_launcher_deletes_the_slice_after_the_run_ends_or_fails(monkeypatch):
+  assert _run_tpu_launcher(monkeypatch, 0) == (["train", "logs", "delete"], None)
+  ran, error = _run_tpu_launcher(monkeypatch, 1)  # the trainer exited 1
+  assert ran == ["train", "logs", "delete"]
+  assert isinstance(error, subprocess.CalledProcessError)
+
+
+@pytest.mark.parametrize("lost", [255, KeyboardInterrupt()], ids=["dropped", "ctrl-c"])
+def test_tpu_launcher_keeps_a_slice_whose_log_stream_ended_before_the_run(monkeypatch,
+                                                                          lost):
+  """A dropped connection (ssh's 255) or Ctrl-C ends the stream, not the detached run:
+  the slice stays, and the message gives the commands to follow or delete it."""
+  ran, error = _run_tpu_launcher(monkeypatch, lost)
+  assert ran == ["train", "logs"]
+  assert isinstance(error, SystemExit) and "not deleted" in str(error.code)
+  follow = next(line for line in str(error.code).splitlines() if "logs,delete" in line)
+  assert shlex.split(follow) == ["python", "scripts/launch_tpu.py", *TPU_ARGS,
+                                 "--steps=logs,delete"]
+
+
+def test_tpu_launcher_packs_the_checkout_without_deleted_or_ignored_files(tmp_path,
+                                                                          monkeypatch):
+  git = lambda *a: subprocess.run(["git", *a], cwd=tmp_path, check=True,
+                                  capture_output=True)
+  git("init", "-q")
+  for name in ("kept.py", "deleted.py", ".gitignore"):
+    (tmp_path / name).write_text("runs/\n" if name == ".gitignore" else "x = 1\n")
+  git("add", ".")
+  (tmp_path / "deleted.py").unlink()  # tracked, deleted, not committed
+  (tmp_path / "new.py").write_text("y = 2\n")
+  (tmp_path / "runs").mkdir()
+  (tmp_path / "runs" / "big.bin").write_text("ignored")
+  args = launch_tpu.parse_args([*TPU_ARGS[:1], tmp_path.name, *TPU_ARGS[2:]])
+  monkeypatch.setattr(launch_tpu, "REPO", tmp_path)
+  launch_tpu.pack_checkout(args)
+  with tarfile.open(launch_tpu.archive(args)) as tar:
+    assert sorted(tar.getnames()) == [".gitignore", "kept.py", "new.py"]
+  pathlib.Path(launch_tpu.archive(args)).unlink()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--workdir", "runs/x"], "give a gs:// path"),
+    (["--slice", "v6e-16"], "no settings for --slice v6e-16"),
+])
+def test_tpu_launcher_refuses_what_the_run_cannot_use_before_creating_a_slice(
+    flags, message):
+  argv = [*TPU_ARGS, *flags, "--dry_run"]
+  result = subprocess.run([sys.executable, "scripts/launch_tpu.py", *argv], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+  assert result.returncode == 2 and message in result.stderr and not result.stdout
+  # A config of the user's own covers a slice configs/llm_tpu.py does not know.
+  if "--slice" in flags:
+    assert dry_run("launch_tpu.py", *TPU_ARGS, *flags, "--config", "my.py:v6e-16")
