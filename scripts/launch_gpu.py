@@ -47,7 +47,8 @@ def parse_args(argv):
     p.add_argument("--workdir", required=True)
     p.add_argument("--port", type=int, default=12355, help="coordinator port on node 0")
     # Shell words on the nodes: ~ and $HOME expand there.
-    p.add_argument("--repo_dir", default=str(REPO), help="the project on every node")
+    p.add_argument("--repo_dir", default=shlex.quote(str(REPO)),
+                   help="the project on every node")
     p.add_argument("--python", default="python", help="its interpreter on every node")
     p.add_argument("--xla_flags", default=GPU_XLA_FLAGS, help="XLA_FLAGS on every node")
     p.add_argument("--dry_run", action="store_true", help="print what would run only")
@@ -62,6 +63,10 @@ def parse_args(argv):
   split = argv.index("--") if "--" in argv else len(argv)  # the rest is the trainer's
   args = parser.parse_args(argv[:split])
   args.trainer_flags = argv[split + 1:]
+  if args.launcher == "ssh":
+    args.hosts = [host.strip() for host in args.hosts.split(",") if host.strip()]
+    if not args.hosts:
+      parser.error("--hosts: give the nodes' ssh names, comma-separated")
   return args
 
 
@@ -78,7 +83,7 @@ def trainer_command(args, coordinator: str, num_processes: str, process_id: str)
 
 
 def ssh_commands(args) -> list[list[str]]:
-  hosts = args.hosts.split(",")
+  hosts = args.hosts
   coordinator = f"{hosts[0].rsplit('@', 1)[-1]}:{args.port}"  # user@node1: ssh's, not JAX's
   return [["ssh", "-o", "BatchMode=yes", host,
            trainer_command(args, coordinator, str(len(hosts)), str(i))]
@@ -132,7 +137,7 @@ def main(argv=None) -> int:
     if args.dry_run:
       print("\n".join(shlex.join(c) for c in commands))
       return 0
-    return run_all(commands, args.hosts.split(","))
+    return run_all(commands, args.hosts)
   script = slurm_script(args)
   submit = ["sbatch", args.script]
   if args.dry_run:

@@ -16,6 +16,7 @@ from jax.sharding import PartitionSpec as P
 
 import models
 from trainer import dry_run
+from trainer import hardware
 from trainer import mesh as mesh_lib
 from trainer import setup as setup_lib
 from trainer_utils import REPO, tiny_config
@@ -230,3 +231,12 @@ def test_a_mesh_whose_batch_axes_do_not_split_the_batch_over_processes_is_refuse
     setup_lib._check_batch(config, replicated, rules)
   split = mesh_lib.make_mesh(("data", "fsdp", "tensor"), (2, 1, 4), devices)
   setup_lib._check_batch(config, split, rules)
+
+
+@pytest.mark.parametrize("kind, peak", [
+    ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
+    ("NVIDIA H100 NVL", 835e12), ("TPU v5 lite", 197e12), ("TPU v5p", 459e12),
+    ("cpu", None)])
+def test_peak_flops_take_the_longest_device_kind_that_matches(kind, peak):
+  """MFU's denominator: an H100 PCIe card is not rated as the SXM part."""
+  assert hardware._by_kind(hardware.PEAK_FLOPS, kind) == peak  # pylint: disable=protected-access

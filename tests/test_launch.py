@@ -89,6 +89,25 @@ def test_gpu_launcher_over_ssh_gives_each_node_its_process_id():
                           f"--config.distributed.process_id={i}"]
 
 
+def test_gpu_launcher_host_list_ignores_blanks_and_refuses_an_empty_one(monkeypatch):
+  lines = dry_run("launch_gpu.py", "ssh", "--hosts", " gpu1, gpu2,", "--config",
+                  "configs/cpu_lm.py", "--workdir", "/shared/run")
+  assert [shlex.split(line)[3] for line in lines] == ["gpu1", "gpu2"]
+  assert "--config.distributed.num_processes=2" in lines[0]
+  result = subprocess.run([sys.executable, "scripts/launch_gpu.py", "ssh", "--hosts", " ,",
+                           "--config", "c.py", "--workdir", "/w", "--dry_run"], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+  assert result.returncode == 2 and "--hosts" in result.stderr
+
+
+def test_gpu_launcher_default_project_path_may_hold_a_space(monkeypatch):
+  monkeypatch.setattr(launch_gpu, "REPO", pathlib.Path("/home/me/my repo"))
+  args = launch_gpu.parse_args(["ssh", "--hosts", "gpu1", "--config", "c.py", "--workdir",
+                                "/w"])
+  command = launch_gpu.trainer_command(args, "gpu1:1", "1", "0")
+  assert shlex.split(command)[:3] == ["cd", "/home/me/my repo", "&&"]
+
+
 def test_gpu_launcher_slurm_script_runs_one_task_per_node():
   lines = dry_run("launch_gpu.py", "slurm", "--nodes", "4", "--gpus_per_node", "8",
                   "--config", "configs/cpu_lm.py", "--workdir", "/shared/run")

@@ -240,6 +240,19 @@ def test_manual_mode_reads_what_the_config_leaves_empty_from_the_environment(mon
     distributed.manual_settings(cfg)
 
 
+@pytest.mark.parametrize("address", ["10.0.0.1", "node1:", ":12355"])
+def test_manual_mode_refuses_a_coordinator_address_without_host_and_port(address):
+  """JAX would fail on it with an IndexError naming no setting."""
+  cfg = common.base_config().distributed
+  cfg.update(dict(mode="manual", coordinator_address=address, num_processes=2,
+                  process_id=0))
+  with pytest.raises(ValueError, match=r"distributed\.coordinator_address=.* needs "
+                                       r"host:port"):
+    distributed.manual_settings(cfg)
+  cfg.coordinator_address = "[::1]:12355"  # an IPv6 host has colons of its own
+  assert distributed.manual_settings(cfg)[0] == "[::1]:12355"
+
+
 def test_auto_mode_stays_single_process_off_clusters(monkeypatch):
   for name in ("TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS", "SLURM_NTASKS",
                "OMPI_COMM_WORLD_SIZE"):
@@ -249,3 +262,15 @@ def test_auto_mode_stays_single_process_off_clusters(monkeypatch):
   assert not jax.distributed.is_initialized()
   monkeypatch.setenv("SLURM_NTASKS", "4")
   assert distributed._cluster_detected()  # pylint: disable=protected-access
+
+
+def test_auto_mode_on_a_tpu_host_joins_the_slice_unless_told_to_use_the_cpu(monkeypatch):
+  """`JAX_PLATFORMS=cpu python -m trainer.eval` beside a training job on a TPU host must
+  not join that job's slice."""
+  for name in ("TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS", "SLURM_NTASKS",
+               "OMPI_COMM_WORLD_SIZE"):
+    monkeypatch.delenv(name, raising=False)
+  monkeypatch.setattr(distributed, "_has_tpu_chips", lambda: True)
+  for platforms, joins in (("", True), ("tpu", True), ("cpu,tpu", True), ("cpu", False)):
+    monkeypatch.setenv("JAX_PLATFORMS", platforms)
+    assert distributed._cluster_detected() == joins, platforms  # pylint: disable=protected-access

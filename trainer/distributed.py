@@ -33,11 +33,19 @@ def _env_int(name: str) -> int:
   return int(os.environ.get(name, "1") or "1")
 
 
+def _tpu_allowed() -> bool:
+  """JAX may use TPUs here: JAX_PLATFORMS unset or naming tpu. With JAX_PLATFORMS=cpu on
+  a TPU host (eval beside a training job) the chips and the slice are not this
+  process's to join."""
+  platforms = os.environ.get("JAX_PLATFORMS", "")
+  return not platforms or "tpu" in platforms.split(",")
+
+
 def _cluster_detected() -> bool:
   """True where jax.distributed.initialize() with no arguments finds its peers."""
-  return (_has_tpu_chips() or
-          any(os.environ.get(v) for v in ("TPU_WORKER_HOSTNAMES",
-                                           "MEGASCALE_COORDINATOR_ADDRESS")) or
+  tpu_slice = _has_tpu_chips() or any(os.environ.get(v) for v in (
+      "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS"))
+  return ((tpu_slice and _tpu_allowed()) or
           _env_int("SLURM_NTASKS") > 1 or _env_int("OMPI_COMM_WORLD_SIZE") > 1)
 
 
@@ -48,6 +56,10 @@ def manual_settings(cfg: ml_collections.ConfigDict) -> tuple[str, int, int]:
   if not address:
     raise ValueError("distributed.mode='manual' needs distributed.coordinator_address (or "
                      "JAX_COORDINATOR_ADDRESS): host:port of process 0.")
+  host, _, port = address.rpartition(":")
+  if not host or not port.isdigit():
+    raise ValueError(f"distributed.coordinator_address={address!r} needs host:port, e.g. "
+                     f"{address.rstrip(':')}:12355 (process 0 listens on that port).")
   values = {}
   for field, env in (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID")):
     value = cfg[field] if cfg[field] is not None else os.environ.get(env)

@@ -16,7 +16,9 @@ PEAK_FLOPS = {
     "TPU v5": 459e12,
     "TPU v6 lite": 918e12,  # v6e (Trillium)
     "TPU v6e": 918e12,
-    "NVIDIA H100": 989e12,
+    "NVIDIA H100": 989e12,  # SXM ("NVIDIA H100 80GB HBM3")
+    "NVIDIA H100 PCIe": 756e12,
+    "NVIDIA H100 NVL": 835e12,
     "NVIDIA H200": 989e12,
     "NVIDIA A100": 312e12,
 }
