@@ -22,6 +22,7 @@ from typing import Any, Callable, Literal, NamedTuple, Optional, Union, get_args
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from psgd import fitting
@@ -41,7 +42,9 @@ def adam_style_scale(b1: float, whiten_grad: bool) -> float:
 
   With P fitted to gradients, P g has unit RMS, so P applied to the momentum has the
   RMS of Adam's m / sqrt(v): about sqrt((1 - b1) / (1 + b1)) for noisy gradients, 1 for
-  consistent ones. It needs no factor. With P fitted to the momentum itself, P m has
+  consistent ones that fill their matrix. It needs no factor. (A consistent gradient of
+  low rank gets less: P whitens its few directions, not its entries, as Muon's
+  orthogonalisation does.) With P fitted to the momentum itself, P m has
   unit RMS, so it is scaled by sqrt((1 - b1) / (1 + b1)), the reference's advice for
   whitening momentum.
   """
@@ -128,6 +131,12 @@ def _check_floating(params):
           "optimizer (e.g. optax.masked, or nnx.Optimizer(..., wrt=nnx.Param)).")
 
 
+def _without_empty(tree):
+  """Zero-size leaves as None: there is nothing in them to precondition (their update is
+  their own empty gradient), and no layout fits them."""
+  return jax.tree.map(lambda x: None if x.size == 0 else x, tree)
+
+
 def _is_number(x) -> bool:
   return isinstance(x, (int, float)) and not isinstance(x, bool)
 
@@ -144,6 +153,10 @@ def _check_args(args: dict):
   if not args["whiten_grad"] and args["b1"] == 0:
     raise ValueError("whiten_grad=False whitens the momentum, which needs b1 > 0; set b1 "
                      "(e.g. 0.9) or whiten_grad=True.")
+  seed = args["seed"]
+  if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+    raise TypeError(f"seed={seed!r} must be a Python int (the refits' random draws start "
+                    "from jax.random.PRNGKey(seed)); a key or an array cannot be one.")
   if args["memory_save_mode"] not in layout_lib.MEMORY_SAVE_MODES:
     raise ValueError(f"memory_save_mode={args['memory_save_mode']!r} must be one of "
                      f"{layout_lib.MEMORY_SAVE_MODES}.")
@@ -178,18 +191,21 @@ def _check_args(args: dict):
       raise ValueError(f"{name}={args[name]} must be {what}.")
 
 
+def check_auto_axes(mesh) -> None:
+  """ValueError if `mesh` has Explicit axes: the factors' matmuls contract sharded dims,
+  which such a mesh makes the caller's to place."""
+  if jax.sharding.AxisType.Explicit in getattr(mesh, "axis_types", ()):
+    raise ValueError(
+        "psgd.kron needs a mesh with Auto axes (the compiler places the preconditioner's "
+        f"matmuls); this mesh's axes {mesh.axis_names} have types {mesh.axis_types} "
+        "(jax.make_mesh's default is Explicit). Build the mesh with jax.make_mesh(shape, "
+        "names, axis_types=(jax.sharding.AxisType.Auto,) * len(names)).")
+
+
 def _check_auto_axes(tree) -> None:
-  """ValueError if a leaf is sharded over a mesh with Explicit axes: the factors' matmuls
-  contract sharded dims, which such a mesh makes the caller's to place."""
+  """check_auto_axes for the mesh each leaf is sharded over."""
   for leaf in jax.tree.leaves(tree):
-    mesh = getattr(jax.typeof(leaf).sharding, "mesh", None)
-    if jax.sharding.AxisType.Explicit in getattr(mesh, "axis_types", ()):
-      raise ValueError(
-          "psgd.kron needs a mesh with Auto axes (the compiler places the "
-          "preconditioner's matmuls); these arrays are sharded over mesh axes "
-          f"{mesh.axis_names} of types {mesh.axis_types} (jax.make_mesh's default is "
-          "Explicit). Build the mesh with jax.make_mesh(shape, names, "
-          "axis_types=(jax.sharding.AxisType.Auto,) * len(names)).")
+    check_auto_axes(getattr(jax.typeof(leaf).sharding, "mesh", None))
 
 
 def plan_layouts(params, scanned_layers: MaskOrFn = None, *, max_size_triangular: int = 8192,
@@ -197,7 +213,8 @@ def plan_layouts(params, scanned_layers: MaskOrFn = None, *, max_size_triangular
                  max_skew_small_dim: float = 4.0, min_ndim_triangular: int = 2,
                  memory_save_mode: Optional[str] = None, block_size: Optional[int] = None,
                  merge_dims: bool = True, param_sharding: MaskOrFn = None):
-  """A tree of `Layout`s (one per parameter) for params under these settings."""
+  """A tree of `Layout`s (one per parameter; None for a zero-size one, which has nothing
+  to precondition) for params under these settings."""
   mask = mask_like(scanned_layers, params, "scanned_layers")
   plan = functools.partial(layout_lib.plan_layout, max_size=max_size_triangular,
                            max_skew=max_skew_triangular,
@@ -207,7 +224,7 @@ def plan_layouts(params, scanned_layers: MaskOrFn = None, *, max_size_triangular
                            merge_dims=merge_dims)
   counts = _shard_counts(param_sharding, params)
   return jax.tree.unflatten(jax.tree.structure(params), [
-      plan(tuple(p.shape), s, shards=c[1:] if s else c)
+      None if p.size == 0 else plan(tuple(p.shape), s, shards=c[1:] if s else c)
       for p, s, c in zip(jax.tree.leaves(params), jax.tree.leaves(mask), counts)])
 
 
@@ -808,6 +825,7 @@ def scale_by_kron(
 
   def init_fn(params):
     _check_floating(params)
+    params = _without_empty(params)
     layouts = s.layouts(params)
     factors = _map_params(functools.partial(_identity_factors, s), layouts)
     return KronState(
@@ -824,9 +842,10 @@ def scale_by_kron(
         num_updates=jnp.zeros([], jnp.int32),
     )
 
-  def update_fn(updates, state, params=None):
+  def update_fn(all_updates, state, params=None):
     del params  # the layouts follow the updates' shapes
-    _check_auto_axes(updates)
+    _check_auto_axes(all_updates)
+    updates = _without_empty(all_updates)
     layouts = s.layouts(updates)
     grads = jax.tree.map(lambda g: g.astype(_compute_dtype(g.dtype)), updates)
     key, k_decide, k_balance, k_fit = jax.random.split(state.key, 4)
@@ -858,6 +877,8 @@ def scale_by_kron(
     factors, lipschitz, precond = jax.lax.cond(
         refit_now, refit, lambda carry: carry, (factors, state.lipschitz, precond))
     new_updates = _precondition(s, layouts, factors, precond, direction, updates)
+    new_updates = jax.tree.map(lambda u, new: u if u.size == 0 else new, all_updates,
+                               new_updates)
     return new_updates, KronState(
         count=optax.safe_int32_increment(state.count),
         key=key,
@@ -870,7 +891,10 @@ def scale_by_kron(
         num_updates=state.num_updates + refit_now.astype(jnp.int32),
     )
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  # Jitted, so that a step called outside jit (as a first try often is) compiles once
+  # rather than running op by op and retracing its conditional on every call; inside a
+  # caller's jit this is inlined.
+  return optax.GradientTransformation(init_fn, jax.jit(update_fn))
 
 
 def _masked_weight_decay(weight_decay: float, mask: MaskOrFn) -> optax.GradientTransformation:
@@ -1012,9 +1036,9 @@ def kron(
   arrays = [name for name in STATIC_ARGS if isinstance(arguments[name], jax.Array)]
   if arrays:  # optax.inject_hyperparams without static_args turns every number to one
     raise TypeError(
-        f"psgd.kron got {', '.join(arrays)} as arrays, but they shape its state and code. "
-        "Under optax.inject_hyperparams pass static_args=psgd.STATIC_ARGS, so that only "
-        "psgd.HYPERPARAMS are injected.")
+        f"psgd.kron got {', '.join(arrays)} as arrays, but they shape its state and code: "
+        "pass Python values. Under optax.inject_hyperparams pass "
+        "static_args=psgd.STATIC_ARGS, so that only psgd.HYPERPARAMS are injected.")
   # Only plain numbers are checked: under optax.inject_hyperparams they are arrays.
   if isinstance(learning_rate, (int, float)) and learning_rate < 0:
     raise ValueError(f"learning_rate={learning_rate} must be non-negative.")

@@ -27,7 +27,8 @@ import jax
 import optax
 from jax.sharding import PartitionSpec as P
 
-from psgd.kron import KronState, axis_names, batch_mesh_axes, mask_like, padded_spec
+from psgd.kron import (KronState, axis_names, batch_mesh_axes, check_auto_axes, mask_like,
+                       padded_spec)
 
 
 def _entry(axes: tuple[str, ...]):
@@ -67,7 +68,8 @@ def kron_state_specs(state: KronState, params, param_specs, mesh, scanned_layers
   mesh_shape = dict(mesh.shape)
   scanned = mask_like(scanned_layers, params, "scanned_layers")
   is_spec = lambda x: isinstance(x, P)
-  masked = lambda x: isinstance(x, optax.MaskedNode)  # left out by optax.masked
+  # Left out by optax.masked, or zero-size (no state).
+  masked = lambda x: x is None or isinstance(x, optax.MaskedNode)
   batch_axes = jax.tree_util.tree_map_with_path(
       lambda path, p, spec, s, lip: lip if masked(lip) else P(
           _batch_axes(path, p, spec, s, lip, mesh_shape, shard_local)),
@@ -125,6 +127,7 @@ def state_partition_specs(opt_state: Any, params, param_specs, mesh, scanned_lay
   `shard_local=True` when the optimizer was given `param_sharding` with these specs
   (each device then holds the factors of its own shards).
   """
+  check_auto_axes(mesh)
   is_kron = lambda x: isinstance(x, KronState)
   like_params = _like_params(params, param_specs)
   return jax.tree_util.tree_map_with_path(

@@ -549,6 +549,17 @@ def test_bad_arguments_raise_value_error_naming_them(kwargs, name):
     psgd.kron(**{"learning_rate": 1e-3, **kwargs})
 
 
+@pytest.mark.parametrize("seed, message", [
+    (3.0, r"seed=3\.0 must be a Python int"),
+    (True, r"seed=True must be a Python int"),
+    (jax.numpy.int32(3), r"got seed as arrays.*pass Python values"),
+])
+def test_a_seed_that_is_not_an_int_is_refused_naming_it(seed, message):
+  with pytest.raises(TypeError, match=message):
+    psgd.kron(1e-3, seed=seed)
+  psgd.kron(1e-3, seed=np.int64(3))  # a numpy int is an int
+
+
 @pytest.mark.parametrize("mask_name", ["scanned_layers", "weight_decay_mask"])
 def test_mask_not_matching_params_is_refused(mask_name):
   params = {"w": jnp.zeros((3, 3)), "b": jnp.zeros(3)}

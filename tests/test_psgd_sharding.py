@@ -228,8 +228,11 @@ def test_a_mesh_with_explicit_axes_is_refused_naming_the_fix():
   w = jax.device_put(jnp.ones((64, 32)), NamedSharding(mesh, P("fsdp", None)))
   tx = psgd.kron(1e-3)
   state = tx.init({"w": w})
-  with pytest.raises(ValueError, match=r"axis_types=\(jax\.sharding\.AxisType\.Auto,\)"):
+  fix = r"axis_types=\(jax\.sharding\.AxisType\.Auto,\)"
+  with pytest.raises(ValueError, match=fix):
     jax.jit(tx.update)({"w": w}, state, {"w": w})
+  with pytest.raises(ValueError, match=fix):  # as early as the state's shardings
+    psgd.state_partition_specs(state, {"w": w}, {"w": P("fsdp", None)}, mesh)
 
 
 def test_specs_asked_for_shard_local_blocks_the_state_lacks_are_refused_naming_the_fix():

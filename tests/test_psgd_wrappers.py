@@ -57,9 +57,10 @@ WRAPPERS = {
 
 def plain_params(dtype):
   """Params with the awkward parts of real pytrees: a None leaf, an empty subtree, a
-  nested list (and an int leaf where a mask leaves it out)."""
+  zero-size array, a nested list (and an int leaf where a mask leaves it out)."""
   return {"w": jnp.linspace(-1.0, 1.0, 12, dtype=dtype).reshape(4, 3),
-          "nested": [jnp.ones((3,), dtype)], "none": None, "empty": {}}
+          "nested": [jnp.ones((3,), dtype)], "none": None, "empty": {},
+          "no_rows": jnp.ones((0, 3), dtype)}
 
 
 # bfloat16 state dtypes matter most where a wrapper compares or swaps whole states
@@ -111,6 +112,42 @@ def test_wrapper_on_plain_pytree(name, dtype):
   trained = check_one_trace(tx, params, needs_value)
   for before, after in zip(jax.tree.leaves(params), jax.tree.leaves(trained)):
     assert after.dtype == before.dtype
+
+
+def test_zero_size_leaves_get_empty_updates_and_change_nothing_else():
+  """optax.adamw takes them; so does Kron, which has nothing in them to fit."""
+  params = {"w": plain_params(FLOAT)["w"], "v": jnp.ones((3,), FLOAT)}
+  with_empty = {**params, "e": jnp.ones((0, 3), FLOAT), "z": jnp.ones((0,), FLOAT)}
+  runs = []
+  for tree in (params, with_empty):
+    tx = kron()
+    state = tx.init(tree)
+    for _ in range(3):
+      updates, state = tx.update(grads_of(tree), state, tree)
+    runs.append(updates)
+  assert runs[1]["e"].shape == (0, 3) and runs[1]["z"].shape == (0,)
+  for name in params:
+    assert bool(jnp.all(runs[0][name] == runs[1][name]))
+  # The layout table leaves them out, and the state's specs have the state's structure.
+  assert "['e']" not in psgd.layout_table(with_empty) and "['w']" in psgd.layout_table(params)
+  mesh = jax.make_mesh((1,), ("d",), axis_types=(jax.sharding.AxisType.Auto,))
+  specs = psgd.state_partition_specs(state, with_empty, jax.tree.map(
+      lambda _: jax.sharding.PartitionSpec(), with_empty), mesh)
+  is_spec = lambda x: isinstance(x, jax.sharding.PartitionSpec)
+  assert jax.tree.structure(specs, is_leaf=is_spec) == jax.tree.structure(state)
+
+
+def test_an_update_called_outside_jit_compiles_once(caplog):
+  """A first script often calls tx.update as the README's snippet does, unjitted: the
+  second call compiles nothing (op by op, it recompiled its refit conditional on every
+  call)."""
+  params = plain_params(FLOAT)
+  tx = kron()
+  updates, state = tx.update(grads_of(params), tx.init(params), params)
+  with jax.log_compiles(True), caplog.at_level("WARNING"):
+    updates, state = tx.update(grads_of(params), state, params)
+    jax.block_until_ready(updates)
+  assert not [r for r in caplog.records if "Compiling" in r.getMessage()]
 
 
 def test_unmasked_int_leaf_is_refused_with_its_path():
