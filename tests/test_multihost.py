@@ -274,3 +274,19 @@ def test_auto_mode_on_a_tpu_host_joins_the_slice_unless_told_to_use_the_cpu(monk
   for platforms, joins in (("", True), ("tpu", True), ("cpu,tpu", True), ("cpu", False)):
     monkeypatch.setenv("JAX_PLATFORMS", platforms)
     assert distributed._cluster_detected() == joins, platforms  # pylint: disable=protected-access
+
+
+def test_auto_mode_that_cannot_join_says_how_to_run_alone(monkeypatch):
+  """VFIO devices on a machine without TPUs look like chips; JAX then fails with its own
+  message, which names none of this launch's settings."""
+  for name in ("TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS", "SLURM_NTASKS",
+               "OMPI_COMM_WORLD_SIZE", "JAX_PLATFORMS"):
+    monkeypatch.delenv(name, raising=False)
+  monkeypatch.setattr(distributed, "_has_tpu_chips", lambda: True)
+
+  def no_peers():
+    raise ValueError("coordinator_address should be defined.")
+  monkeypatch.setattr(distributed.jax.distributed, "initialize", no_peers)
+  with pytest.raises(RuntimeError, match=r"TPU chips.*coordinator_address should be "
+                                         r"defined\..*distributed\.mode=off"):
+    distributed.initialize(common.base_config().distributed)

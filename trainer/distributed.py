@@ -41,12 +41,20 @@ def _tpu_allowed() -> bool:
   return not platforms or "tpu" in platforms.split(",")
 
 
+def _cluster_signs() -> list[str]:
+  """What says jax.distributed.initialize() with no arguments finds peers here (none:
+  a single process)."""
+  signs = []
+  if _tpu_allowed():
+    signs += ["TPU chips (/dev/accel* or /dev/vfio/*)"] if _has_tpu_chips() else []
+    signs += [v for v in ("TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
+              if os.environ.get(v)]
+  return signs + [f"{v}={os.environ[v]}" for v in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
+                  if _env_int(v) > 1]
+
+
 def _cluster_detected() -> bool:
-  """True where jax.distributed.initialize() with no arguments finds its peers."""
-  tpu_slice = _has_tpu_chips() or any(os.environ.get(v) for v in (
-      "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS"))
-  return ((tpu_slice and _tpu_allowed()) or
-          _env_int("SLURM_NTASKS") > 1 or _env_int("OMPI_COMM_WORLD_SIZE") > 1)
+  return bool(_cluster_signs())
 
 
 def manual_settings(cfg: ml_collections.ConfigDict) -> tuple[str, int, int]:
@@ -84,7 +92,14 @@ def initialize(cfg: ml_collections.ConfigDict) -> None:
     jax.distributed.initialize(coordinator_address=address, num_processes=count,
                                process_id=index, cluster_detection_method="deactivate")
   elif _cluster_detected():
-    jax.distributed.initialize()
+    try:
+      jax.distributed.initialize()
+    except (ValueError, RuntimeError) as error:
+      raise RuntimeError(
+          f"distributed.mode='auto' took this for a cluster ({', '.join(_cluster_signs())}) "
+          f"but jax.distributed.initialize() could not join one: {error} On a single "
+          "machine set --config.distributed.mode=off; on a cluster give the coordinator "
+          "with --config.distributed.mode=manual (see trainer/distributed.py).") from error
   else:
     return
   logging.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
