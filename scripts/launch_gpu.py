@@ -2,7 +2,9 @@ r"""Train on several GPU nodes: one trainer process per node, each with all its 
 GPUs, joined by jax.distributed with the address of the first node as coordinator.
 
 Plain ssh to a host list (the project installed at the same path on every node, the
-workdir on a shared file system or a bucket); prints every node's output, prefixed:
+workdir on a shared file system or a bucket); prints every node's output, prefixed.
+Ctrl-C here, or a node that fails, sends every other node's trainer SIGTERM (it saves
+and exits, as on a preemption), so no node is left holding its GPUs:
 
     python scripts/launch_gpu.py ssh --hosts node1,node2 --config configs/llm_gpu.py:2 \
         --workdir /shared/runs/x [-- --config.train.steps=100]
@@ -82,11 +84,20 @@ def trainer_command(args, coordinator: str, num_processes: str, process_id: str)
           f"--config.distributed.process_id={process_id}")
 
 
+def stopped_with_stdin(command: str) -> str:
+  """`command` in the background, sent SIGTERM once this shell's stdin ends (the ssh
+  connection's: when the launcher exits, is interrupted or closes it), and waited for;
+  its exit status is the shell's. Without it a node's trainer outlives the launcher.
+  (`<&0`: a background job of a script otherwise reads /dev/null, which ends at once.)"""
+  return (f"{{ {command} & }}; trainer=$!; (cat > /dev/null; kill -TERM $trainer) <&0 "
+          "> /dev/null 2>&1 & wait $trainer")
+
+
 def ssh_commands(args) -> list[list[str]]:
   hosts = args.hosts
   coordinator = f"{hosts[0].rsplit('@', 1)[-1]}:{args.port}"  # user@node1: ssh's, not JAX's
-  return [["ssh", "-o", "BatchMode=yes", host,
-           trainer_command(args, coordinator, str(len(hosts)), str(i))]
+  return [["ssh", "-o", "BatchMode=yes", host, stopped_with_stdin(
+      trainer_command(args, coordinator, str(len(hosts)), str(i)))]
           for i, host in enumerate(hosts)]
 
 
@@ -113,21 +124,33 @@ def slurm_script(args) -> str:
 
 def run_all(commands: list[list[str]], names: list[str]) -> int:
   """Run the commands at once, print their output lines prefixed by name; the first
-  non-zero exit status, or 0."""
-  procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-           for c in commands]
+  non-zero exit status, or 0. Each gets a stdin pipe that nothing writes to: once one
+  fails (or on Ctrl-C) the others' pipes are closed, which `stopped_with_stdin` turns
+  into SIGTERM for their trainers."""
+  procs = [subprocess.Popen(c, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True) for c in commands]
+  failed = threading.Event()
 
   def relay(name, proc):
     for line in proc.stdout:
       print(f"[{name}] {line}", end="", flush=True)
+    if proc.wait():
+      failed.set()
 
-  threads = [threading.Thread(target=relay, args=(n, p)) for n, p in zip(names, procs)]
+  threads = [threading.Thread(target=relay, args=(n, p), daemon=True)
+             for n, p in zip(names, procs)]
   for t in threads:
     t.start()
-  codes = [p.wait() for p in procs]
+  try:
+    while any(t.is_alive() for t in threads):
+      if failed.wait(timeout=1):
+        break
+  finally:  # a failed node or Ctrl-C: stop the others (a no-op for those done)
+    for proc in procs:
+      proc.stdin.close()
   for t in threads:
     t.join()
-  return next((c for c in codes if c), 0)
+  return next((c for c in (p.wait() for p in procs) if c), 0)
 
 
 def main(argv=None) -> int:

@@ -6,6 +6,7 @@ import shlex
 import subprocess
 import sys
 import tarfile
+import time
 
 import pytest
 
@@ -79,7 +80,9 @@ def test_gpu_launcher_over_ssh_gives_each_node_its_process_id():
   for i, (line, host) in enumerate(zip(lines, ("me@gpu1", "gpu2", "gpu3"))):
     argv = shlex.split(line)
     assert argv[:4] == ["ssh", "-o", "BatchMode=yes", host]
-    remote = shlex.split(argv[4].split(" && ", 1)[1])
+    before, after = launch_gpu.stopped_with_stdin("COMMAND").split("COMMAND")
+    assert argv[4].startswith(before) and argv[4].endswith(after)
+    remote = shlex.split(argv[4][len(before):-len(after)].split(" && ", 1)[1])
     assert remote[0] == f"XLA_FLAGS={launch_gpu.GPU_XLA_FLAGS}"
     assert remote[1:9] == ["exec", "python", "-m", "trainer.main", "--config",
                            "configs/cpu_lm.py", "--workdir", "/shared/run"]
@@ -87,6 +90,33 @@ def test_gpu_launcher_over_ssh_gives_each_node_its_process_id():
                           "--config.distributed.coordinator_address=gpu1:9999",
                           "--config.distributed.num_processes=3",
                           f"--config.distributed.process_id={i}"]
+
+
+def _node(tmp_path, name, exit_status=None):
+  """A node's shell command as the ssh launcher wraps it, run here by bash: a stand-in
+  trainer that records SIGTERM (and exits 0, as the trainer does), or exits at once
+  with `exit_status`."""
+  marker = tmp_path / name
+  trainer = (f"exit {exit_status}" if exit_status is not None else
+             f"trap 'echo SIGTERM > {marker}; exit 0' TERM; while true; do sleep 0.1; done")
+  return ["bash", "-c", launch_gpu.stopped_with_stdin(f"bash -c {shlex.quote(trainer)}")]
+
+
+def test_gpu_launcher_stops_the_other_nodes_when_one_fails(tmp_path):
+  """One node's trainer exits 3: the launcher returns 3, and the other node's trainer
+  got SIGTERM (it saves and exits) instead of waiting on its peer forever."""
+  started = time.monotonic()
+  status = launch_gpu.run_all([_node(tmp_path, "ok"), _node(tmp_path, "bad", 3)],
+                              ["ok", "bad"])
+  assert status == 3 and (tmp_path / "ok").read_text() == "SIGTERM\n"
+  assert time.monotonic() - started < 30
+
+
+def test_gpu_launcher_nodes_exit_with_their_trainers_status(tmp_path):
+  assert launch_gpu.run_all([_node(tmp_path, "a", 0), _node(tmp_path, "b", 0)],
+                            ["a", "b"]) == 0
+  done = subprocess.run(_node(tmp_path, "c", 7), stdin=subprocess.PIPE, timeout=30)
+  assert done.returncode == 7
 
 
 def test_gpu_launcher_host_list_ignores_blanks_and_refuses_an_empty_one(monkeypatch):
