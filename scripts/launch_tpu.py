@@ -128,7 +128,12 @@ def step_commands(args, step: str) -> list:
         ["--config", args.config, "--workdir", args.workdir, *args.trainer_flags])
     script = shlex.quote(f"{trainer}; echo $? > {REMOTE_LOG}.exit")
     # Detached, so the run outlives this ssh session; its exit status lands by the log.
-    return [ssh(args, "all", f"cd {REMOTE_DIR} && rm -f {REMOTE_LOG}.exit && "
+    # Not beside a trainer still running there (the pattern, anchored at the command
+    # line's start, matches the python process, not this shell).
+    running = "pgrep -f '^[^ ]*python[^ ]* -m trainer[.]main' > /dev/null"
+    return [ssh(args, "all", f"if {running}; then echo \"A trainer is already running on "
+                "$(hostname): follow it with --steps=logs, or stop it first.\" >&2; exit 1; "
+                f"fi; cd {REMOTE_DIR} && rm -f {REMOTE_LOG}.exit && "
                 f"(setsid nohup bash -c {script} > {REMOTE_LOG} 2>&1 < /dev/null &)")]
   if step == "logs":  # process 0's log until its trainer exits, then its exit status
     return [ssh(args, "0", f"sleep 5; tail -n +1 -F {REMOTE_LOG} & TAIL=$!; "

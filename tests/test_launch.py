@@ -94,10 +94,10 @@ def test_gpu_launcher_over_ssh_gives_each_node_its_process_id():
 
 def _node(tmp_path, name, exit_status=None):
   """A node's shell command as the ssh launcher wraps it, run here by bash: a stand-in
-  trainer that records SIGTERM (and exits 0, as the trainer does), or exits at once
-  with `exit_status`."""
+  trainer that records SIGTERM (and exits 0, as the trainer does), or exits with
+  `exit_status` after a second (by when the others have set their traps)."""
   marker = tmp_path / name
-  trainer = (f"exit {exit_status}" if exit_status is not None else
+  trainer = (f"sleep 1; exit {exit_status}" if exit_status is not None else
              f"trap 'echo SIGTERM > {marker}; exit 0' TERM; while true; do sleep 0.1; done")
   return ["bash", "-c", launch_gpu.stopped_with_stdin(f"bash -c {shlex.quote(trainer)}")]
 
@@ -115,8 +115,9 @@ def test_gpu_launcher_stops_the_other_nodes_when_one_fails(tmp_path):
 def test_gpu_launcher_nodes_exit_with_their_trainers_status(tmp_path):
   assert launch_gpu.run_all([_node(tmp_path, "a", 0), _node(tmp_path, "b", 0)],
                             ["a", "b"]) == 0
-  done = subprocess.run(_node(tmp_path, "c", 7), stdin=subprocess.PIPE, timeout=30)
-  assert done.returncode == 7
+  node = subprocess.Popen(_node(tmp_path, "c", 7), stdin=subprocess.PIPE)  # stdin open
+  assert node.wait(timeout=30) == 7
+  node.stdin.close()
 
 
 def test_gpu_launcher_host_list_ignores_blanks_and_refuses_an_empty_one(monkeypatch):
@@ -236,3 +237,24 @@ def test_tpu_launcher_refuses_what_the_run_cannot_use_before_creating_a_slice(
   # A config of the user's own covers a slice configs/llm_tpu.py does not know.
   if "--slice" in flags:
     assert dry_run("launch_tpu.py", *TPU_ARGS, *flags, "--config", "my.py:v6e-16")
+
+
+def test_tpu_launcher_train_step_refuses_to_start_beside_a_running_trainer(tmp_path):
+  """The train step's remote guard, run here by bash, sees a process whose command line
+  is the trainer's (as on a host where one still runs) and stops before starting one."""
+  args = launch_tpu.parse_args(TPU_ARGS)
+  remote = launch_tpu.step_commands(args, "train")[0][-1]
+  guard = remote.split("; fi; ")[0] + "; fi; echo would start"
+  trainer = subprocess.Popen(["bash", "-c", f"exec -a '{tmp_path}/bin/python -m "
+                              "trainer.main --config c.py' sleep 60"])
+  try:
+    deadline = time.monotonic() + 10
+    while subprocess.run(["pgrep", "-f", f"^{tmp_path}/bin/python"]).returncode:
+      assert time.monotonic() < deadline
+      time.sleep(0.1)
+    result = subprocess.run(["bash", "-c", guard], capture_output=True, text=True,
+                            timeout=30)
+  finally:
+    trainer.kill()
+  assert result.returncode == 1 and "already running" in result.stderr
+  assert "would start" not in result.stdout
