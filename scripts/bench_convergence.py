@@ -59,7 +59,7 @@ def run_one(args, optimizer: str, mode: str, lr: float, width: int, steps: int) 
     trainer_main.train(config, workdir)
     records = [json.loads(line) for line in open(f"{workdir}/metrics.jsonl")]
   curve = [(r["step"], r["eval/loss"]) for r in records if "eval/loss" in r]
-  step_times = [r["train/step_time"] for r in records if "train/step_time" in r][1:]
+  step_times = [r["train/step_time"] for r in records if "train/step_time" in r]
   return dict(optimizer=optimizer, mode=mode, lr=lr, width=width, steps=steps,
               config=args.config, curve=curve,
               best=min(loss for _, loss in curve), step_time=statistics.median(step_times))

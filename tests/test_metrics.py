@@ -139,6 +139,12 @@ def test_step_time_leaves_out_evaluations(monkeypatch):
   clock[0] += 2.0
   timer.tick()
   assert timer.lap() == 2.0  # the next lap starts where this one ended
+  assert timer.lap() is None  # no step since
+  clock[0] += 9.0  # a first step that compiles
+  timer.restart()
+  clock[0] += 0.5
+  timer.tick()
+  assert timer.lap() == 0.5
 
 
 def test_plot_reads_records_in_step_order_last_one_winning(tmp_path):

@@ -23,6 +23,10 @@ def test_tiny_config_trains_end_to_end(tmp_path):
   assert 0 < last["train/precond_update_rate"] <= 1
   assert (tmp_path / "tensorboard").is_dir() and (tmp_path / "config.json").is_file()
   assert (tmp_path / "checkpoints" / "40").is_dir()
+  # The first step compiles; its time is left out of the first record's step time.
+  step_time = {r["step"]: r["train/step_time"] for r in read_metrics(tmp_path)
+               if "train/step_time" in r}
+  assert step_time[10] < 3 * max(step_time[20], step_time[30], step_time[40])
 
 
 def test_mesh_of_8_devices_matches_one_device(tmp_path):

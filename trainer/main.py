@@ -182,15 +182,20 @@ def train(config, workdir: str, devices=None) -> tuple[step_lib.TrainState, dict
         loss_since_log.add(metrics)
         step += 1
         checkpointer.check_for_errors()  # a failed background save stops the run now
-        timer.tick()
+        if step == start_step + 1:  # it compiled the step: not part of the step time
+          jax.block_until_ready(metrics)
+          timer.restart()
+        else:
+          timer.tick()
         writer.advance(step)
         if step % config.train.log_every == 0 or step == total_steps:
           logged = jax.device_get(metrics)
           logged.update(loss_since_log.pop())  # the mean, not the last batch's
-          seconds = timer.lap()
-          logged.update({"train/step_time": seconds,
-                         "train/tokens_per_sec": tokens_per_step / seconds})
-          if peak_flops:
+          seconds = timer.lap()  # None at a run's first step: no timing to log
+          if seconds:
+            logged.update({"train/step_time": seconds,
+                           "train/tokens_per_sec": tokens_per_step / seconds})
+          if seconds and peak_flops:
             logged["train/mfu"] = (run.flops_per_token * tokens_per_step / seconds /
                                    (peak_flops * jax.device_count()))
           if config.data.tokenizer == "bytes":

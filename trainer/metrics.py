@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 import uuid
+from typing import Optional
 
 from absl import logging
 from etils import epath
@@ -260,8 +261,15 @@ class StepTimer:
     finally:
       self._last += time.perf_counter() - start
 
-  def lap(self) -> float:
+  def restart(self) -> None:
+    """Count from now, leaving out the steps so far (the first, which compiles)."""
+    self._last, self._steps = time.perf_counter(), 0
+
+  def lap(self) -> Optional[float]:
+    """Seconds per step since the last lap; None when no step was counted."""
+    if not self._steps:
+      return None
     now = time.perf_counter()
-    per_step = (now - self._last) / max(self._steps, 1)
+    per_step = (now - self._last) / self._steps
     self._last, self._steps = now, 0
     return per_step
