@@ -84,6 +84,25 @@ def test_microbatches_average_to_the_full_batch_gradient():
       float(one_metrics["train/grad_norm"]))
 
 
+def test_microbatches_with_unequal_masked_tokens_give_the_whole_batch_mean():
+  """A mean over masked tokens: microbatches holding 1 and 6 tokens must weigh 1 : 6, as
+  one pass over the batch does, not 1 : 1."""
+  def masked_mean(params, batch):
+    per_token = jnp.sum(params["w"] * batch["g"], axis=-1)
+    return jnp.sum(per_token * batch["mask"]) / jnp.maximum(jnp.sum(batch["mask"]), 1)
+  tx = optax.sgd(optax.constant_schedule(1.0))
+  rows = {"g": jnp.arange(24.0).reshape(4, 3, 2),
+          "mask": jnp.array([[1, 0, 0], [0, 0, 0], [1, 1, 1], [1, 1, 1]], bool)}
+  results = []
+  for micro in (1, 2):
+    step = jax.jit(step_lib.make_train_step(masked_mean, tx, optax.constant_schedule(1.0),
+                                            microbatches=micro))
+    results.append(step(fresh_state(tx, {"w": jnp.ones(2)}), rows))
+  (one, one_metrics), (two, two_metrics) = results
+  np.testing.assert_allclose(two.params["w"], one.params["w"], rtol=1e-6)
+  assert float(two_metrics["train/loss"]) == pytest.approx(float(one_metrics["train/loss"]))
+
+
 def test_a_non_finite_loss_with_finite_gradients_is_skipped():
   """A NaN term that carries no gradient: the gradients alone would let the step pass."""
   nan_loss = lambda params, batch: (jnp.sum(params["w"] * batch["g"])

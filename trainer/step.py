@@ -70,8 +70,10 @@ def _all_finite(tree) -> jax.Array:
 def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, microbatches: int,
                     unroll_microbatches: bool = False) -> Callable:
-  """step(state, batch) -> (state, metrics); gradients averaged over microbatches, in a
-  loop or, with unroll_microbatches, one after another.
+  """step(state, batch) -> (state, metrics); the loss and gradients of the whole batch,
+  accumulated over microbatches in a loop or, with unroll_microbatches, one after
+  another. `loss_fn` is a mean over the batch's `mask` (all of it without one), so each
+  microbatch counts by its masked tokens, and the result is the whole batch's mean.
 
   A step whose loss, gradients or updated params are not finite changes nothing but
   the counter of such steps in a row; the loop decides when to give up.
@@ -84,12 +86,15 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation,
     split = jax.tree.map(lambda x: x.reshape(microbatches, -1, *x.shape[1:]), batch)
 
     def body(carry, micro):
-      loss, grads = grad_fn(params, micro)
-      return jax.tree.map(jnp.add, carry, (loss, grads)), None
+      weights, sums = carry
+      weight = jnp.sum(micro["mask"], dtype=jnp.float32) if "mask" in micro else 1.0
+      sums = jax.tree.map(lambda total, x: total + weight * x, sums, grad_fn(params, micro))
+      return (weights + weight, sums), None
 
     zeros = (jnp.float32(0.0), jax.tree.map(jnp.zeros_like, params))
-    total, _ = jax.lax.scan(body, zeros, split, unroll=unroll_microbatches)
-    return jax.tree.map(lambda x: x / microbatches, total)
+    (weights, sums), _ = jax.lax.scan(body, (jnp.float32(0.0), zeros), split,
+                                      unroll=unroll_microbatches)
+    return jax.tree.map(lambda x: x / jnp.maximum(weights, 1.0), sums)
 
   def step(state: TrainState, batch):
     loss, grads = accumulated_grads(state.params, batch)
