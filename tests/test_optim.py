@@ -58,6 +58,40 @@ def test_muon_decays_only_where_the_mask_says():
   assert float(jnp.abs(updates["v"]).max()) == 0
 
 
+@pytest.mark.parametrize("name", optim.OPTIMIZERS)
+def test_every_named_optimizer_decays_the_masked_params_as_adamw_does(name):
+  """With zero gradients an update is -lr * wd * p on the params the mask marks (a
+  matrix and a vocabulary table, which Muon hands to its AdamW part) and 0 on the
+  others (a norm's scale), at every step: outside the momentum and the sign."""
+  cfg = base_config().optimizer
+  cfg.update(dict(name=name, learning_rate=0.1, warmup_steps=0, decay="constant",
+                  weight_decay=0.5))
+  params = {"w": jnp.full((4, 3), 2.0), "table": jnp.full((6, 4), 3.0),
+            "scale": jnp.ones(4)}
+  tx, _ = optim.make_optimizer(
+      cfg, 10, scanned_layers=jax.tree.map(lambda _: False, params),
+      weight_decay_mask={"w": True, "table": True, "scale": False},
+      matrix_axes={"w": ((0,), (1,)), "table": None, "scale": None})
+  state = tx.init(params)
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  for _ in range(3):
+    updates, state = tx.update(zeros, state, params)
+    for key, decayed in (("w", True), ("table", True), ("scale", False)):
+      expected = -0.1 * 0.5 * params[key] if decayed else jnp.zeros_like(params[key])
+      assert jnp.allclose(updates[key], expected, rtol=1e-5, atol=1e-7), (key, updates[key])
+
+
+def test_sign_sgd_decay_is_not_inside_the_sign():
+  cfg = base_config().optimizer
+  cfg.update(dict(name="sign_sgd", learning_rate=0.1, warmup_steps=0, decay="constant",
+                  weight_decay=0.5))
+  params = {"w": jnp.full((3,), 1.0)}
+  tx, _ = optim.make_optimizer(cfg, 10, weight_decay_mask={"w": True})
+  updates, _ = tx.update({"w": jnp.full((3,), -1e-3)}, tx.init(params), params)
+  # sign(g) + wd * p = -0.5, where sign(g + wd * p) would be +1.
+  assert jnp.allclose(updates["w"], -0.1 * (-1.0 + 0.5 * 1.0))
+
+
 def test_width_multiplier_scales_the_peak_learning_rate():
   cfg = base_config().optimizer
   cfg.update(dict(learning_rate=0.4, warmup_steps=0, decay="constant"))
