@@ -6,6 +6,7 @@ Reads <workdir>/metrics.jsonl (see trainer/metrics.py) and draws one panel per m
 
 import argparse
 import json
+import math
 import pathlib
 
 
@@ -16,8 +17,8 @@ def read_series(workdir: str, metric: str) -> tuple[list[int], list[float]]:
   by_step = {}
   for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines():
     record = json.loads(line)
-    if metric in record:
-      by_step[record["step"]] = record[metric]
+    if metric in record:  # null: a non-finite value, a gap in the curve
+      by_step[record["step"]] = math.nan if record[metric] is None else record[metric]
   steps = sorted(by_step)
   return steps, [by_step[s] for s in steps]
 

@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import logging as logging_std
+import math
 import re
 import struct
 import subprocess
@@ -216,3 +217,18 @@ def test_write_whole_leaves_the_old_file_when_the_new_one_cannot_be_written(tmp_
   written = path.stat().st_ino  # a rewrite would rename a new file over it
   paths.write_whole(path, "new")  # unchanged: not written again (a remote copy costs)
   assert path.stat().st_ino == written
+
+
+def test_a_non_finite_value_is_written_as_null_and_plotted_as_a_gap(tmp_path):
+  writer = MetricsWriter(str(tmp_path), total_steps=3, progress_bar=False)
+  writer.write(1, {"train/loss": 2.5})
+  writer.write(2, {"train/loss": float("nan"), "train/grad_norm": float("inf")})
+  writer.close()
+
+  def strict(constant):  # what json.loads accepts for NaN / Infinity, which strict readers reject
+    raise ValueError(constant)
+  lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+  records = [json.loads(line, parse_constant=strict) for line in lines]
+  assert records[1] == {"step": 2, "train/loss": None, "train/grad_norm": None}
+  steps, values = _plot_script().read_series(str(tmp_path), "train/loss")
+  assert steps == [1, 2] and values[0] == 2.5 and math.isnan(values[1])

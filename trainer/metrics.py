@@ -1,8 +1,8 @@
 """Metrics out: <workdir>/metrics.jsonl, TensorBoard event files, and the console.
 
 metrics.jsonl holds one JSON object per line: {"step": int, "<group>/<name>": float, ...},
-e.g. "train/loss", "train/bits_per_byte", "eval/loss", "train/lr". Keys are stable;
-readers should ignore keys they do not know. Only process 0 writes. "train/loss" is the
+e.g. "train/loss", "train/bits_per_byte", "eval/loss", "train/lr"; a non-finite value is
+null (strict JSON). Keys are stable; readers should ignore keys they do not know. Only process 0 writes. "train/loss" is the
 mean over the steps since the previous log line (the first line after a resume: since
 the resume), the other train/ values the logged step's own. A run that starts at step S
 (a resume) first drops the records past S, so each step is in the file once.
@@ -14,6 +14,7 @@ temporary directory and copied up whole after each write.
 import contextlib
 import json
 import logging as logging_std
+import math
 import pathlib
 import shutil
 import sys
@@ -178,7 +179,9 @@ class MetricsWriter:
     if not self._enabled:
       return
     record = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
-    self._jsonl.write(json.dumps(record) + "\n")
+    # Strict JSON has no NaN or Infinity: a non-finite value (a skipped step's) is null.
+    self._jsonl.write(json.dumps({k: v if math.isfinite(v) else None
+                                  for k, v in record.items()}, allow_nan=False) + "\n")
     self._jsonl.flush()
     self._tb.write_scalars(step, {k: v for k, v in record.items() if k != "step"})
     self._upload()
