@@ -105,7 +105,7 @@ def pack_checkout(args) -> None:
 
 
 def step_commands(args, step: str) -> list:
-  """The commands of one step: argv lists, or strings for the local shell."""
+  """The commands of one step, as argv lists."""
   spot = ["--spot"] if args.spot else []
   if step == "create" and args.queued:
     return [gcloud(args, "queued-resources", "create", args.name, "--node-id", args.name,
@@ -182,13 +182,6 @@ def detached_message(args) -> str:
           f"\nor delete it now:\n  {again('delete')}")
 
 
-def execute(command) -> None:
-  if isinstance(command, str):
-    subprocess.run(command, shell=True, check=True, cwd=REPO)
-  else:
-    subprocess.run(command, check=True, cwd=REPO)
-
-
 def main(argv=None) -> None:
   args = parse_args(sys.argv[1:] if argv is None else argv)
   steps = [s for s in STEPS if s in args.steps]
@@ -197,7 +190,7 @@ def main(argv=None) -> None:
       print(f"# pack this checkout (git ls-files -co --exclude-standard) into {archive(args)}")
     for step in steps:
       for command in step_commands(args, step):
-        print(command if isinstance(command, str) else shlex.join(command))
+        print(shlex.join(command))
     return
   if "install" in steps:  # before paying for a slice
     pack_checkout(args)
@@ -210,14 +203,14 @@ def main(argv=None) -> None:
           break
         continue
       for command in step_commands(args, step):
-        execute(command)
+        subprocess.run(command, check=True, cwd=REPO)
       if step == "create" and args.queued:
         wait_until_active(args)
   finally:
     # A slice left running costs money, whatever went wrong; but not one still training.
     if "delete" in steps and not run_goes_on:
       for command in step_commands(args, "delete"):
-        execute(command)
+        subprocess.run(command, check=True, cwd=REPO)
   if run_goes_on:
     raise SystemExit(detached_message(args))
 
