@@ -2,10 +2,11 @@
 
 metrics.jsonl holds one JSON object per line: {"step": int, "<group>/<name>": float, ...},
 e.g. "train/loss", "train/bits_per_byte", "eval/loss", "train/lr"; a non-finite value is
-null (strict JSON). Keys are stable; readers should ignore keys they do not know. Only process 0 writes. "train/loss" is the
-mean over the steps since the previous log line (the first line after a resume: since
-the resume), the other train/ values the logged step's own. A run that starts at step S
-(a resume) first drops the records past S, so each step is in the file once.
+null (strict JSON). Keys are stable; readers should ignore keys they do not know. Only
+process 0 writes. "train/loss" is the mean over the steps since the previous log line
+(the first line after a resume: since the resume), the other train/ values the logged
+step's own. A run that starts at step S (a resume) first drops the records past S, so
+each step is in the file once.
 
 A remote workdir (gs://...) cannot be appended to: its files are written in a local
 temporary directory and copied up whole after each write.
